@@ -1,0 +1,1 @@
+"""Datasets: strict IDX reading, dataset lookup, the bundled sample, batch streaming."""
