@@ -1,0 +1,194 @@
+"""Layers: each forward directly followed by its backward.
+
+Spatial arrays are channels-last, (N, H, W, C); see kernels.py for why. Parameters keep
+PyTorch's layouts: conv weight (F, C, kH, kW), dense weight (out, in).
+
+A layer's forward caches only what its backward needs, and only when `train` is true.
+backward(dout) returns the gradient for the layer's input and fills `self.grads`; it
+never changes a weight (the optimiser does that, after backward).
+"""
+
+import numpy as np
+
+from . import kernels
+
+# LeCun et al. 1998, Table I: which pool2 maps each of conv3's 16 maps sees.
+LENET5_CONNECTIONS = (
+    [[i, (i + 1) % 6, (i + 2) % 6] for i in range(6)]                  # 0-5: 3 contiguous
+    + [[(i + k) % 6 for k in range(4)] for i in range(6)]              # 6-11: 4 contiguous
+    + [[0, 1, 3, 4], [1, 2, 4, 5], [0, 2, 3, 5]]                       # 12-14: 4 non-contiguous
+    + [[0, 1, 2, 3, 4, 5]]                                             # 15: all six
+)
+LENET5_CONNECTIONS = [sorted(maps) for maps in LENET5_CONNECTIONS]
+
+
+class ShapeError(ValueError):
+    """A layer does not fit the shape of its input; the message names both."""
+
+
+def _uniform(rng, bound, shape, dtype):
+    # PyTorch's default init for conv and linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    # `bound` may be an array broadcasting against `shape` (one bound per filter).
+    return (rng.uniform(-1.0, 1.0, size=shape) * bound).astype(dtype)
+
+
+class Conv2D:
+    """Stride-1 convolution with zero padding, optional ReLU and a connection table."""
+
+    def __init__(self, name, in_shape, filters, kernel, padding=0, relu=False,
+                 connections="full", dtype=np.float32, rng=None):
+        h, w, c = in_shape
+        if kernel > h + 2 * padding or kernel > w + 2 * padding:
+            raise ShapeError(
+                f"{name}: kernel {kernel}x{kernel} with padding {padding} does not fit its "
+                f"input of {c}x{h}x{w} (channels x height x width)")
+        self.name, self.kernel, self.padding, self.relu = name, kernel, padding, relu
+        self.in_shape = in_shape
+        self.out_shape = (h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1, filters)
+        self.mask = connection_mask(name, connections, filters, c)  # (F, C) bool or None
+        fan_in = (c if self.mask is None else self.mask.sum(axis=1)) * kernel * kernel
+        # With a connection table the fan-in differs per filter, and so does the bound.
+        bound = 1.0 / np.sqrt(np.asarray(fan_in, dtype=np.float64))
+        rng = rng if rng is not None else np.random.default_rng(0)
+        weight = _uniform(rng, np.reshape(bound, (-1, 1, 1, 1)), (filters, c, kernel, kernel), dtype)
+        if self.mask is not None:
+            weight *= self.mask[:, :, None, None]
+        bias = _uniform(rng, bound, (filters,), dtype)
+        self.params = {"weight": weight, "bias": bias}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.needs_input_grad = True
+        self.cache = None
+
+    def forward(self, x, train=True):
+        """x (N, H, W, C) -> (N, Ho, Wo, F)."""
+        n = x.shape[0]
+        k, f = self.kernel, self.params["weight"].shape[0]
+        xp = kernels.pad_hw(x, self.padding)
+        cols = kernels.im2col(xp, k, k)                    # N*Ho*Wo, C*k*k
+        w_flat = self.params["weight"].reshape(f, -1)      # F, C*k*k
+        out = cols @ w_flat.T                              # N*Ho*Wo, F
+        out += self.params["bias"]
+        if self.relu:
+            np.maximum(out, 0, out=out)
+        out = out.reshape(n, *self.out_shape)              # N, Ho, Wo, F
+        if train:
+            self.cache = (cols, xp.shape, out)
+        return out
+
+    def backward(self, dout):
+        """dout (N, Ho, Wo, F) -> dx (N, H, W, C), or None when no input gradient is needed."""
+        cols, padded_shape, out = self.cache
+        if self.relu:
+            dout = dout * (out > 0)  # the seed's rule: no gradient where the output was <= 0
+        f = dout.shape[-1]
+        d_flat = dout.reshape(-1, f)                       # N*Ho*Wo, F
+        dw = (d_flat.T @ cols).reshape(self.params["weight"].shape)
+        if self.mask is not None:
+            dw *= self.mask[:, :, None, None]  # unconnected weights must stay exactly zero
+        self.grads["weight"][...] = dw
+        self.grads["bias"][...] = d_flat.sum(axis=0)
+        if not self.needs_input_grad:
+            return None
+        dcols = d_flat @ self.params["weight"].reshape(f, -1)  # N*Ho*Wo, C*k*k
+        return kernels.col2im(dcols, padded_shape, self.kernel, self.kernel, self.padding)
+
+
+def connection_mask(name, connections, filters, channels):
+    """(filters, channels) bool table of which input maps each filter sees; None for full."""
+    if connections in (None, "full"):
+        return None
+    if connections == "lenet5":
+        if (filters, channels) != (16, 6):
+            raise ShapeError(
+                f"{name}: connections lenet5 needs 6 input maps and 16 filters, "
+                f"found {channels} input maps and {filters} filters")
+        connections = LENET5_CONNECTIONS
+    if len(connections) != filters:
+        raise ShapeError(f"{name}: connections lists {len(connections)} filters, the layer has {filters}")
+    mask = np.zeros((filters, channels), dtype=bool)
+    for f, maps in enumerate(connections):
+        bad = [m for m in maps if not 0 <= m < channels]
+        if bad:
+            raise ShapeError(
+                f"{name}: filter {f} connects to input map {bad[0]}, but the input has "
+                f"{channels} maps (0..{channels - 1})")
+        mask[f, maps] = True
+    return mask
+
+
+class MaxPool2D:
+    """Max pooling over size x size windows with stride = size."""
+
+    def __init__(self, name, in_shape, size):
+        h, w, c = in_shape
+        if size > h or size > w:
+            raise ShapeError(
+                f"{name}: pooling window {size}x{size} does not fit its input of "
+                f"{c}x{h}x{w} (channels x height x width)")
+        self.name, self.size, self.in_shape = name, size, in_shape
+        self.out_shape = (h // size, w // size, c)
+        self.params, self.grads = {}, {}
+        self.cache = None
+
+    def forward(self, x, train=True):
+        """x (N, H, W, C) -> (N, H//size, W//size, C)."""
+        out, argmax = kernels.maxpool_forward(x, self.size)
+        if train:
+            self.cache = (argmax, x.shape)
+        return out
+
+    def backward(self, dout):
+        argmax, shape = self.cache
+        return kernels.maxpool_backward(dout, argmax, shape, self.size)
+
+
+class Flatten:
+    """(N, H, W, C) -> (N, C*H*W) in PyTorch's (C, H, W) order, so checkpoints match."""
+
+    def __init__(self, name, in_shape):
+        h, w, c = in_shape
+        self.name, self.in_shape, self.out_shape = name, in_shape, (c * h * w,)
+        self.params, self.grads = {}, {}
+
+    def forward(self, x, train=True):
+        return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # N,C,H,W -> N,C*H*W
+
+    def backward(self, dout):
+        h, w, c = self.in_shape
+        return dout.reshape(-1, c, h, w).transpose(0, 2, 3, 1)  # N,C,H,W -> N,H,W,C
+
+
+class Dense:
+    """Fully connected layer, y = x W^T + b, with optional ReLU."""
+
+    def __init__(self, name, in_features, units, relu=False, dtype=np.float32, rng=None):
+        self.name, self.relu = name, relu
+        self.in_shape, self.out_shape = (in_features,), (units,)
+        bound = 1.0 / np.sqrt(in_features)
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.params = {"weight": _uniform(rng, bound, (units, in_features), dtype),
+                       "bias": _uniform(rng, bound, (units,), dtype)}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.needs_input_grad = True
+        self.cache = None
+
+    def forward(self, x, train=True):
+        """x (N, in) -> (N, units)."""
+        out = x @ self.params["weight"].T
+        out += self.params["bias"]
+        if self.relu:
+            np.maximum(out, 0, out=out)
+        if train:
+            self.cache = (x, out)
+        return out
+
+    def backward(self, dout):
+        """dout (N, units) -> dx (N, in)."""
+        x, out = self.cache
+        if self.relu:
+            dout = dout * (out > 0)
+        self.grads["weight"][...] = dout.T @ x
+        self.grads["bias"][...] = dout.sum(axis=0)
+        if not self.needs_input_grad:
+            return None
+        return dout @ self.params["weight"]
