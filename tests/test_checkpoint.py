@@ -52,9 +52,9 @@ def test_flatten_is_in_pytorch_chw_order(model):
     model.forward(x)
     pool4 = model.layers[3]
     flat = model.layers[4]
-    nhwc = pool4.forward(model.layers[2].forward(model.layers[1].forward(
-        model.layers[0].forward(np.ascontiguousarray(x.transpose(0, 2, 3, 1))))))
-    np.testing.assert_array_equal(flat.forward(nhwc), nhwc.transpose(0, 3, 1, 2).reshape(2, 400))
+    maps = pool4.forward(model.layers[2].forward(model.layers[1].forward(
+        model.layers[0].forward(np.ascontiguousarray(x.transpose(1, 2, 3, 0))))))  # C,H,W,N
+    np.testing.assert_array_equal(flat.forward(maps), maps.transpose(3, 0, 1, 2).reshape(2, 400))
 
 
 def _write_npz(path, arrays):

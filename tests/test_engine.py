@@ -22,12 +22,14 @@ LENET = [
 ]
 
 
-def nhwc(x):
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+def chwn(x):
+    """PyTorch's (N, C, H, W) to the engine's (C, H, W, N)."""
+    return np.ascontiguousarray(x.transpose(1, 2, 3, 0))
 
 
 def nchw(x):
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """The engine's (C, H, W, N) to PyTorch's (N, C, H, W)."""
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
 
 
 def numeric_grad(f, x, eps=1e-6):
@@ -69,23 +71,50 @@ def check_layer_grads(layer, x, rng, tol=1e-7):
                                           (8, 6, 3, 2, 2, 0)])
 def test_conv_gradients(h, w, c, f, k, pad):
     rng = np.random.default_rng(1)
-    layer = Conv2D("conv", (h, w, c), f, k, pad, relu=True, dtype=np.float64, rng=rng)
-    check_layer_grads(layer, rng.standard_normal((2, h, w, c)), rng)
+    layer = Conv2D("conv", (c, h, w), f, k, pad, relu=True, dtype=np.float64, rng=rng)
+    check_layer_grads(layer, rng.standard_normal((c, h, w, 2)), rng)
 
 
 def test_conv_gradients_with_connection_table():
     rng = np.random.default_rng(2)
-    layer = Conv2D("conv3", (9, 7, 6), 16, 3, 0, relu=True, connections="lenet5",
+    layer = Conv2D("conv3", (6, 9, 7), 16, 3, 0, relu=True, connections="lenet5",
                    dtype=np.float64, rng=rng)
-    check_layer_grads(layer, rng.standard_normal((2, 9, 7, 6)), rng)
+    check_layer_grads(layer, rng.standard_normal((6, 9, 7, 2)), rng)
     assert np.all(layer.grads["weight"][~layer.mask] == 0)
 
 
 @pytest.mark.parametrize("h,w,c,size", [(6, 8, 2, 2), (7, 5, 3, 2), (9, 9, 1, 3), (4, 6, 2, 1)])
-def test_maxpool_gradients(h, w, c, size):
+@pytest.mark.parametrize("relu", [False, True])
+def test_maxpool_gradients(h, w, c, size, relu):
     rng = np.random.default_rng(3)
-    layer = MaxPool2D("pool", (h, w, c), size)
-    check_layer_grads(layer, rng.standard_normal((3, h, w, c)), rng)
+    layer = MaxPool2D("pool", (c, h, w), size, relu=relu)
+    check_layer_grads(layer, rng.standard_normal((c, h, w, 3)), rng)
+
+
+def test_relu_moved_after_pooling_changes_nothing():
+    """conv+ReLU then pool equals conv then pool+ReLU, forward and backward, even with
+    the exact ties that ReLU makes (every negative becomes 0)."""
+    rng = np.random.default_rng(11)
+    conv = Conv2D("conv", (2, 9, 8), 3, 3, 1, relu=True, dtype=np.float64, rng=rng)
+    pool = MaxPool2D("pool", (3, 9, 8), 2)
+    x = rng.standard_normal((2, 9, 8, 4))
+    out_a = pool.forward(conv.forward(x))
+    upstream = rng.standard_normal(out_a.shape)
+    dx_a = conv.backward(pool.backward(upstream))
+    grads_a = {k: v.copy() for k, v in conv.grads.items()}
+    conv.relu, pool.relu = False, True
+    out_b = pool.forward(conv.forward(x))
+    dx_b = conv.backward(pool.backward(upstream))
+    np.testing.assert_array_equal(out_a, out_b)
+    np.testing.assert_allclose(dx_a, dx_b, rtol=1e-14, atol=1e-15)
+    for k in grads_a:
+        np.testing.assert_allclose(grads_a[k], conv.grads[k], rtol=1e-14, atol=1e-15)
+
+
+def test_build_model_moves_conv_relu_onto_the_following_pool():
+    model = build_model(LENET, (1, 28, 28), "float32")
+    conv1, pool2, conv3, pool4 = model.layers[:4]
+    assert (conv1.relu, pool2.relu, conv3.relu, pool4.relu) == (False, True, False, True)
 
 
 def test_dense_gradients():
@@ -127,20 +156,20 @@ def test_whole_network_gradients_non_square_lenet5():
 def test_conv_forward_matches_naive_loops(h, w, c, f, k, pad):
     rng = np.random.default_rng(6)
     conns = "lenet5" if (c, f) == (6, 16) else "full"
-    layer = Conv2D("conv", (h, w, c), f, k, pad, connections=conns, dtype=np.float64, rng=rng)
+    layer = Conv2D("conv", (c, h, w), f, k, pad, connections=conns, dtype=np.float64, rng=rng)
     x = rng.standard_normal((2, c, h, w))
     expected = reference.conv2d(x, layer.params["weight"], layer.params["bias"], pad, layer.mask)
-    np.testing.assert_allclose(nchw(layer.forward(nhwc(x))), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(nchw(layer.forward(chwn(x))), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_col2im_is_the_adjoint_of_im2col():
     """<im2col(x), y> == <x, col2im(y)> for random x, y: col2im sums overlaps correctly."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((2, 7, 6, 3))
+    x = rng.standard_normal((3, 7, 6, 2))
     pad, k = 1, 3
     cols = kernels.im2col(kernels.pad_hw(x, pad), k, k)
     y = rng.standard_normal(cols.shape)
-    back = kernels.col2im(y, (2, 9, 8, 3), k, k, pad)
+    back = kernels.col2im(y, (3, 9, 8, 2), k, k, pad)
     assert np.isclose(np.sum(cols * y), np.sum(x * back), rtol=1e-12)
 
 
@@ -152,19 +181,20 @@ def test_maxpool_matches_naive_loops_with_ties(size):
     x = rng.integers(0, 3, size=(3, 2, 7, 8)).astype(np.float32)  # many exact ties
     x[0, 0] = 0.0  # a whole map of ties
     out_ref, where = reference.maxpool(x, size)
-    out, argmax = kernels.maxpool_forward(nhwc(x), size)
+    out, winners = kernels.maxpool_forward(chwn(x), size)
     np.testing.assert_array_equal(nchw(out), out_ref)
+    assert np.all(sum(w.astype(int) for w in winners) == 1)  # one winner per window
     dout = rng.standard_normal(out_ref.shape).astype(np.float32)
-    dx = kernels.maxpool_backward(nhwc(dout), argmax, nhwc(x).shape, size)
+    dx = kernels.maxpool_backward(chwn(dout), winners, chwn(x).shape, size)
     np.testing.assert_array_equal(nchw(dx), reference.maxpool_backward(dout, where, x.shape))
     # every window passes on exactly its own gradient, once
     assert np.count_nonzero(nchw(dx)) == np.count_nonzero(dout)
 
 
 def test_maxpool_all_equal_window_picks_top_left():
-    x = np.ones((1, 4, 4, 1), dtype=np.float32)
-    out, argmax = kernels.maxpool_forward(x, 2)
-    dx = kernels.maxpool_backward(np.ones_like(out), argmax, x.shape, 2)
+    x = np.ones((1, 4, 4, 1), dtype=np.float32)  # C, H, W, N
+    out, winners = kernels.maxpool_forward(x, 2)
+    dx = kernels.maxpool_backward(np.ones_like(out), winners, x.shape, 2)
     expected = np.zeros((4, 4))
     expected[::2, ::2] = 1
     np.testing.assert_array_equal(dx[0, :, :, 0], expected)

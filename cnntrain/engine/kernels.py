@@ -1,9 +1,20 @@
-"""Vectorised helpers for convolution and pooling on channels-last arrays.
+"""Vectorised helpers for convolution and pooling.
 
-Layout: images are (N, H, W, C). With channels last, the im2col matrix has one row per
-output pixel and its columns ordered (C, kH, kW), which is exactly PyTorch's weight
-layout (F, C, kH, kW) flattened, so the GEMM needs no transposes. The naive loop twins
-of these functions live in tests/reference.py.
+Layout: feature maps are (C, H, W, N), batch innermost (cuda-convnet's layout).
+Every window offset then addresses runs of W*N contiguous floats, so the copies and adds
+that im2col, col2im and pooling are made of run at memory speed instead of stepping
+through rows of 5 or 10. Measured on LeNet's shapes at batch 64 (2 cores, medians):
+
+| kernel            | NHWC    | CNHW    | CHWN    |
+|-------------------|---------|---------|---------|
+| conv1 im2col      | 1.26 ms | 0.29 ms | 0.14 ms |
+| conv3 im2col      | 0.89 ms | 0.49 ms | 0.13 ms |
+| conv3 col2im      |         | 1.04 ms | 0.39 ms |
+| pool2 forward     | 2.30 ms | 0.39 ms | 0.16 ms |
+
+The GEMM weight (F, C*k*k) @ cols (C*k*k, Ho*Wo*N) gives (F, Ho, Wo, N) directly, the
+next layer's layout, and the weight is PyTorch's (F, C, kH, kW) flattened, a free view.
+The naive loop twins of these functions live in tests/reference.py.
 """
 
 import numpy as np
@@ -11,68 +22,78 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 
 def pad_hw(x, padding):
-    """Zero-pad the two spatial axes of (N, H, W, C) by `padding` on every side."""
+    """Zero-pad the two spatial axes of (C, H, W, N) by `padding` on every side."""
     if padding == 0:
         return x
-    n, h, w, c = x.shape
+    c, h, w, n = x.shape
     # np.pad is several times slower than a zeroed buffer and one slice assignment.
-    out = np.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
+    out = np.zeros((c, h + 2 * padding, w + 2 * padding, n), dtype=x.dtype)
     out[:, padding:padding + h, padding:padding + w, :] = x
     return out
 
 
 def im2col(xp, kh, kw):
-    """Patches of a padded (N, Hp, Wp, C) image as a (N*Ho*Wo, C*kh*kw) matrix."""
-    n, hp, wp, c = xp.shape
+    """Patches of a padded (C, Hp, Wp, N) map as a (C*kh*kw, Ho*Wo*N) matrix."""
+    c, hp, wp, n = xp.shape
     ho, wo = hp - kh + 1, wp - kw + 1
-    windows = sliding_window_view(xp, (kh, kw), axis=(1, 2))  # N,Ho,Wo,C,kh,kw (a view)
-    return windows.reshape(n * ho * wo, c * kh * kw)  # the one copy im2col costs
+    windows = sliding_window_view(xp, (kh, kw), axis=(1, 2))   # C,Ho,Wo,N,kh,kw (a view)
+    cols = np.ascontiguousarray(windows.transpose(0, 4, 5, 1, 2, 3))  # C,kh,kw,Ho,Wo,N
+    return cols.reshape(c * kh * kw, ho * wo * n)
 
 
 def col2im(dcols, padded_shape, kh, kw, padding):
-    """Adjoint of im2col: sum patch gradients back into an unpadded (N, H, W, C) image.
+    """Adjoint of im2col: sum patch gradients back into an unpadded (C, H, W, N) map.
 
-    dcols is (N*Ho*Wo, C*kh*kw). Overlapping windows add up; the loop runs over the
+    dcols is (C*kh*kw, Ho*Wo*N). Overlapping windows add up; the loop runs over the
     kh*kw kernel offsets (25 for LeNet), each one strided add over the whole batch.
     """
-    n, hp, wp, c = padded_shape
+    c, hp, wp, n = padded_shape
     ho, wo = hp - kh + 1, wp - kw + 1
-    d = dcols.reshape(n, ho, wo, c, kh, kw)
+    d = dcols.reshape(c, kh, kw, ho, wo, n)
     dxp = np.zeros(padded_shape, dtype=dcols.dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, i:i + ho, j:j + wo, :] += d[:, :, :, :, i, j]
+            dxp[:, i:i + ho, j:j + wo, :] += d[:, i, j]
     if padding:
         dxp = dxp[:, padding:hp - padding, padding:wp - padding, :]
     return dxp
 
 
+def _window_views(x, size):
+    """The size*size strided views of (C, H, W, N), one per window offset, in row-major
+    offset order; rows/cols that do not fill a window are left out (PyTorch's floor mode)."""
+    ho, wo = x.shape[1] // size, x.shape[2] // size
+    return [x[:, di:ho * size:size, dj:wo * size:size, :]
+            for di in range(size) for dj in range(size)]
+
+
 def maxpool_forward(x, size):
-    """Max over non-overlapping size x size windows of (N, H, W, C); rows/cols that do
-    not fill a window are dropped (PyTorch's floor mode).
+    """Max over non-overlapping size x size windows of (C, H, W, N).
 
-    Returns (out (N, Ho, Wo, C), argmax (N, Ho, Wo, C) int8: window offset di*size+dj).
-    Ties go to the first maximum in row-major order, as in PyTorch: offsets are visited
-    in that order and only a strictly greater value takes over.
+    Returns (out (C, Ho, Wo, N), winners): winners[k] is a bool (C, Ho, Wo, N) map, true
+    where window offset k (row-major, k = di*size + dj) holds the window's gradient. Exactly
+    one offset wins per window, the first maximum in row-major order, as in PyTorch.
+    Bool maps rather than an argmax index: building and applying them is ufunc work,
+    several times faster here than fancy-index assignment of an argmax index.
     """
-    n, h, w, c = x.shape
-    ho, wo = h // size, w // size
-    out = x[:, 0:ho * size:size, 0:wo * size:size, :].copy()
-    argmax = np.zeros(out.shape, dtype=np.int8)
-    for k in range(1, size * size):
-        di, dj = divmod(k, size)
-        v = x[:, di:ho * size:size, dj:wo * size:size, :]
-        better = v > out
-        np.copyto(out, v, where=better)
-        argmax[better] = k
-    return out, argmax
+    views = _window_views(x, size)
+    out = views[0].copy()
+    for v in views[1:]:
+        np.maximum(out, v, out=out)
+    taken = np.zeros(out.shape, dtype=bool)
+    winners = []
+    for v in views[:-1]:
+        win = np.equal(v, out)
+        win &= ~taken  # an earlier offset already holds this window's maximum
+        taken |= win
+        winners.append(win)
+    winners.append(~taken)
+    return out, winners
 
 
-def maxpool_backward(dout, argmax, input_shape, size):
-    """Route each window's gradient to its one argmax position; zeros elsewhere."""
+def maxpool_backward(dout, winners, input_shape, size):
+    """Route each window's gradient to its one winning position; zeros elsewhere."""
     dx = np.zeros(input_shape, dtype=dout.dtype)
-    ho, wo = dout.shape[1], dout.shape[2]
-    for k in range(size * size):
-        di, dj = divmod(k, size)
-        dx[:, di:ho * size:size, dj:wo * size:size, :] = np.where(argmax == k, dout, 0)
+    for view, win in zip(_window_views(dx, size), winners):
+        np.multiply(dout, win, out=view)
     return dx
