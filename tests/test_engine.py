@@ -8,7 +8,7 @@ import reference
 from cnntrain.engine import kernels
 from cnntrain.engine.layers import LENET5_CONNECTIONS, Conv2D, Dense, MaxPool2D, ShapeError
 from cnntrain.engine.loss import softmax_cross_entropy
-from cnntrain.engine.model import build_model
+from cnntrain.engine.model import CHUNK, build_model, chunk_bounds
 from cnntrain.engine.optim import SGD
 
 LENET = [
@@ -324,3 +324,56 @@ def test_any_input_size_that_fits_trains():
             loss = model.loss(x, y)[0]
             opt.step()
         assert loss < first  # it learns (memorises) the batch
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(1) == [(0, 1)]
+    assert chunk_bounds(63) == [(0, 63)]
+    assert chunk_bounds(64) == [(0, 32), (32, 64)]
+    assert chunk_bounds(100) == [(0, 50), (50, 100)]
+    assert chunk_bounds(256) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    for n in (64, 65, 129, 1000):
+        b = chunk_bounds(n)
+        assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+        assert max(hi - lo for lo, hi in b) <= CHUNK
+
+
+def _whole_batch_grads(model, x, y):
+    """The unchunked reference: one forward and backward over the whole batch."""
+    logits = model.forward(x, train=True)
+    loss, dlogits, _ = softmax_cross_entropy(logits, y)
+    model.backward(dlogits)
+    return loss, logits, {k: v.copy() for k, v in model.grads().items()}
+
+
+def test_chunked_loss_equals_the_whole_batch_in_float64():
+    rng = np.random.default_rng(12)
+    model = build_model(LENET, (1, 28, 28), "float64", rng)
+    x, y = rng.random((150, 1, 28, 28)), rng.integers(0, 10, 150)
+    loss_ref, logits_ref, grads_ref = _whole_batch_grads(model, x, y)
+    loss, logits = model.loss(x, y)  # 150 -> 3 chunks of 50
+    assert loss == pytest.approx(loss_ref, rel=1e-13)
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-12, atol=1e-15)
+    for name, g in model.grads().items():
+        np.testing.assert_allclose(g, grads_ref[name], rtol=1e-10, atol=1e-15, err_msg=name)
+    np.testing.assert_allclose(model.predict(x), logits_ref, rtol=1e-12, atol=1e-15)
+
+
+def test_worker_threads_do_not_change_a_single_bit():
+    rng = np.random.default_rng(13)
+    x, y = rng.random((200, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 200)
+    results = []
+    for workers in (1, 2, 3):
+        model = build_model(LENET, (1, 28, 28), "float32", np.random.default_rng(0), workers)
+        opt = SGD(model.params(), model.grads(), lr=0.1, momentum=0.9)
+        losses = []
+        for _ in range(3):
+            losses.append(model.loss(x, y)[0])
+            opt.step()
+        results.append((losses, {k: v.copy() for k, v in model.params().items()},
+                        model.predict(x)))
+    for losses, params, logits in results[1:]:
+        assert losses == results[0][0]
+        np.testing.assert_array_equal(logits, results[0][2])
+        for name in params:
+            assert np.array_equal(params[name], results[0][1][name]), name

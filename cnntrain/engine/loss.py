@@ -10,11 +10,12 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits, labels, denominator=None):
     """Mean cross-entropy of (N, K) logits against (N,) integer labels.
 
     Returns (loss, dlogits, probs). dlogits is the seed's `predicted - actual`, divided by
     N because the loss is the batch mean; with N = 1 it is exactly the seed's gradient.
+    A chunk of a larger batch passes the batch's size as `denominator`.
     """
     n = logits.shape[0]
     z = logits - logits.max(axis=1, keepdims=True)
@@ -26,5 +27,5 @@ def softmax_cross_entropy(logits, labels):
     probs = np.exp(z - log_norm[:, None])
     dlogits = probs.copy()
     dlogits[rows, labels] -= 1
-    dlogits /= n
+    dlogits /= n if denominator is None else denominator
     return loss, dlogits, probs
