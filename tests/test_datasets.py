@@ -1,20 +1,31 @@
 """Dataset lookup order, the mnist fallback, and the bundled sample checked against PROVENANCE.md."""
 
+import gzip
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from cnntrain.data import datasets
-from cnntrain.data.datasets import (DATASETS, DataNotFound, bundled_sample_dir, find_dataset_dir,
-                                    load_dataset)
+from cnntrain.data.datasets import (DATASETS, REGISTRY, DataNotFound, Release, bundled_sample_dir,
+                                    check_folder, find_dataset_dir, load_dataset)
 from cnntrain.data.idx import IDXError
 from idx_helpers import STEMS, write_idx, write_idx_dir
 
+OFFLINE = {"CNNTRAIN_OFFLINE": "1"}
+
 
 @pytest.fixture
-def places(tmp_path):
+def unchecked(monkeypatch):
+    """mnist and fashion-mnist with no published files: any small IDX data passes for them."""
+    for name in ("mnist", "fashion-mnist"):
+        monkeypatch.setitem(REGISTRY, name, Release())
+
+
+@pytest.fixture
+def places(tmp_path, unchecked):
     """Every lookup location for "mnist", each holding a dataset with its own train size."""
     p = {
         "data_dir": tmp_path / "explicit",
@@ -116,32 +127,38 @@ def test_train_and_test_image_sizes_must_match(tmp_path):
 
 
 def test_mnist_falls_back_to_the_bundled_sample(tmp_path):
-    environ = {"HOME": str(tmp_path / "home")}
+    environ = {"HOME": str(tmp_path / "home"), **OFFLINE}
     ds = load_dataset("mnist", environ=environ, system_dir=tmp_path / "system")
-    assert (ds.name, ds.source, ds.fallback) == ("mnist-sample", "bundled", True)
+    assert (ds.name, ds.source, ds.fallback, ds.verified) == ("mnist-sample", "bundled", True, True)
     assert ds.train_images.shape == (8000, 28, 28) and ds.test_images.shape == (2000, 28, 28)
-    looked = f"{tmp_path / 'home' / '.cache' / 'cnntrain' / 'mnist'}; {tmp_path / 'system' / 'mnist'}"
+    looked = (f"{tmp_path / 'home' / '.cache' / 'cnntrain' / 'mnist'}; {tmp_path / 'system' / 'mnist'}; "
+              f"download skipped (CNNTRAIN_OFFLINE is set)")
     assert ds.warning == (f"MNIST not found (looked in: {looked}); using the bundled 10,000-image sample "
-                          f"mnist-sample instead. Set data.dir or CNNTRAIN_DATA to use full MNIST.")
+                          f"mnist-sample instead. Set data.dir or CNNTRAIN_DATA, or run `cnntrain data "
+                          f"download mnist`, to use full MNIST.")
 
 
 def test_no_fallback_when_refused(tmp_path):
     with pytest.raises(DataNotFound) as info:
-        load_dataset("mnist", fallback=False, environ={"HOME": str(tmp_path)}, system_dir=tmp_path / "sys")
+        load_dataset("mnist", fallback=False, environ={"HOME": str(tmp_path), **OFFLINE},
+                     system_dir=tmp_path / "sys")
     message = str(info.value)
     assert message.startswith(f"mnist not found: looked in {tmp_path / '.cache' / 'cnntrain' / 'mnist'}; "
-                              f"{tmp_path / 'sys' / 'mnist'}. To fix:")
+                              f"{tmp_path / 'sys' / 'mnist'}; download skipped (CNNTRAIN_OFFLINE is set). "
+                              f"To fix:")
     assert "CNNTRAIN_DATA" in message and "mnist-sample" in message and "apt-get" not in message
+    assert "unset CNNTRAIN_OFFLINE to download it" in message
     assert "\n" not in message
 
 
 def test_fashion_mnist_never_falls_back(tmp_path):
     with pytest.raises(DataNotFound, match="apt-get install dataset-fashion-mnist") as info:
-        load_dataset("fashion-mnist", environ={"HOME": str(tmp_path)}, system_dir=tmp_path / "sys")
-    assert info.value.tried[-1] == str(tmp_path / "sys" / "fashion-mnist")
+        load_dataset("fashion-mnist", environ={"HOME": str(tmp_path), **OFFLINE}, system_dir=tmp_path / "sys")
+    assert info.value.tried[-2:] == [str(tmp_path / "sys" / "fashion-mnist"),
+                                     "download skipped (CNNTRAIN_OFFLINE is set)"]
 
 
-def test_fashion_mnist_from_the_system_dir(tmp_path):
+def test_fashion_mnist_from_the_system_dir(tmp_path, unchecked):
     write_idx_dir(tmp_path / "sys" / "fashion-mnist", 6, 2)
     ds = load_dataset("fashion-mnist", environ={"HOME": str(tmp_path)}, system_dir=tmp_path / "sys")
     assert (ds.name, ds.source, ds.fallback) == ("fashion-mnist", str(tmp_path / "sys" / "fashion-mnist"), False)
@@ -183,8 +200,87 @@ def test_mnist_sample_info_is_json(sample):
     assert (sample.name, sample.source, sample.fallback, sample.warning) == ("mnist-sample", "bundled", False, None)
     info = sample.info()
     assert json.loads(json.dumps(info)) == {"dataset": "mnist-sample", "source": "bundled", "fallback": False,
-                                            "train": 8000, "test": 2000, "image_shape": [28, 28]}
+                                            "verified": True, "train": 8000, "test": 2000, "image_shape": [28, 28]}
 
 
 def test_mnist_sample_ignores_data_dir(tmp_path):
     assert find_dataset_dir("mnist-sample", data_dir=tmp_path)[0] == bundled_sample_dir()
+
+
+@pytest.fixture
+def published(tmp_path, monkeypatch):
+    """A dataset "pub" whose published files are a generated 6 + 3 image set."""
+    origin = tmp_path / "origin"
+    write_idx_dir(origin, 6, 3, shape=(5, 4), seed=3)
+    sha = {stem: hashlib.sha256(gzip.decompress((origin / f"{stem}.gz").read_bytes())).hexdigest()
+           for stem in STEMS}
+    monkeypatch.setitem(REGISTRY, "pub", Release(sha256=sha, counts=(6, 3)))
+    environ = {"CNNTRAIN_DATA": str(tmp_path / "data"), "HOME": str(tmp_path / "home"), **OFFLINE}
+    return origin, environ, tmp_path / "data" / "pub"
+
+
+def load_pub(environ, **kw):
+    return load_dataset("pub", environ=environ, system_dir="/nonexistent", **kw)
+
+
+def test_published_files_verify_however_compressed(published):
+    origin, environ, folder = published
+    folder.mkdir(parents=True)
+    # Debian recompresses; others unpack: the checksum of the decompressed bytes is the same.
+    for stem, how in zip(STEMS, ["copy", "level1", "raw", "level9"]):
+        raw = gzip.decompress((origin / f"{stem}.gz").read_bytes())
+        if how == "raw":
+            (folder / stem).write_bytes(raw)
+        elif how == "copy":
+            (folder / f"{stem}.gz").write_bytes((origin / f"{stem}.gz").read_bytes())
+        else:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(raw, compresslevel=int(how[-1]), mtime=99))
+    ds = load_pub(environ)
+    assert (ds.source, ds.verified) == (str(folder), True)
+    assert [c.published_as for c in check_folder(folder)] == ["pub"] * 4
+
+
+def test_found_by_name_it_must_be_the_published_data(published):
+    origin, environ, folder = published
+    write_idx_dir(folder, 7, 3, shape=(5, 4), seed=3)  # one image too many
+    with pytest.raises(IDXError) as info:
+        load_pub(environ)
+    assert str(info.value) == (f"{folder / STEMS[0]}.gz: not the published pub file: expected 6 images, found 7. "
+                               f"To use these files anyway, name their folder in data.dir.")
+    write_idx_dir(folder, 6, 3, shape=(5, 4), seed=4)  # the right counts, other pixels
+    want = REGISTRY["pub"].sha256[STEMS[0]]
+    with pytest.raises(IDXError, match=rf"{STEMS[0]}.gz: not the published pub file: expected sha256 "
+                                       rf"{want} of the decompressed data, found [0-9a-f]{{64}}\. "):
+        load_pub(environ)
+    # Named in data.dir, any well-formed data is used as it is, just not marked verified.
+    ds = load_pub(environ, data_dir=folder)
+    assert (ds.source, ds.verified, len(ds.train_labels)) == (str(folder), False, 6)
+    assert load_pub(environ, data_dir=origin).verified
+    with pytest.raises(IDXError, match="not the published pub file"):
+        check_folder(folder, "pub")
+    assert [c.published_as for c in check_folder(folder)] == [None] * 4
+
+
+def test_a_damaged_bundled_sample_is_caught(tmp_path):
+    copy = tmp_path / "sample"
+    shutil.copytree(bundled_sample_dir(), copy)
+    labels = gzip.decompress((copy / f"{STEMS[3]}.gz").read_bytes())
+    (copy / f"{STEMS[3]}.gz").write_bytes(gzip.compress(labels[:-1] + bytes([(labels[-1] + 1) % 10])))
+    assert [c.published_as for c in check_folder(copy)] == ["mnist-sample"] * 3 + [None]
+    with pytest.raises(IDXError, match=f"{STEMS[3]}.gz: not the published mnist-sample file: expected sha256"):
+        check_folder(copy, "mnist-sample")
+
+
+@pytest.mark.skipif(not (datasets.SYSTEM_DATASETS_DIR / "fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist_is_the_published_release(tmp_path):
+    ds = load_dataset("fashion-mnist", environ={"HOME": str(tmp_path), **OFFLINE})
+    assert (ds.source, ds.verified) == (str(datasets.SYSTEM_DATASETS_DIR / "fashion-mnist"), True)
+    assert ds.train_images.shape == (60000, 28, 28) and ds.test_images.shape == (10000, 28, 28)
+    assert np.bincount(ds.train_labels).tolist() == [6000] * 10  # Fashion-MNIST is balanced
+
+
+@pytest.mark.parametrize("value, off", [("1", True), ("yes", True), ("true", True), ("", False), ("0", False),
+                                        ("false", False), ("No", False), (None, False)])
+def test_offline_values(value, off):
+    assert datasets.offline({} if value is None else {"CNNTRAIN_OFFLINE": value}) is off

@@ -1,6 +1,7 @@
 """The IDX reader: exact decoding, and one clear IDXError for every kind of bad file."""
 
 import gzip
+import hashlib
 import math
 import struct
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnntrain.data.idx import IDXError, load_split, read_idx
+from cnntrain.data.idx import IDXError, idx_sha256, load_split, read_idx
 from idx_helpers import write_idx
 
 
@@ -208,3 +209,21 @@ def test_random_headers(tmp_path, type_code, dims, extra, cut_header, gz, kind):
     valid = (type_code == 0x08 and len(dims) >= 1 and not cut_header and n_data == size
              and (kind is None or len(dims) == {"images": 3, "labels": 1}[kind]))
     assert (out is not None) == valid
+
+
+@SUITE
+@given(shape=st.lists(st.integers(0, 6), min_size=1, max_size=3), gz=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_idx_sha256_is_that_of_the_decompressed_file(tmp_path, shape, gz, seed):
+    array = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    path = write_idx(tmp_path / "f", array, gz=gz)
+    raw = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+    assert idx_sha256(read_idx(path)) == hashlib.sha256(raw).hexdigest()
+
+
+def test_idx_sha256_exact_value():
+    # The file 00 00 08 01 | 00 00 00 02 | 07 09 (`printf ... | sha256sum`).
+    expected = "6b413bc4e4b437a09780b06c8c43c748d2546f2be2f36913c8dfdb95fac3a083"
+    assert idx_sha256(np.array([7, 9], np.uint8)) == expected
+    assert idx_sha256(np.array([9, 7], np.uint8)[::-1]) == expected  # a non-contiguous view
+    with pytest.raises(ValueError, match="uint8"):
+        idx_sha256(np.array([7, 9]))

@@ -11,6 +11,7 @@ what was expected and what was found. Nothing else escapes: no zlib, EOF or stru
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import zlib
@@ -136,3 +137,13 @@ def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
         raise IDXError(labels_path, f"label out of range: expected 0..{num_classes - 1} "
                                     f"(num_classes={num_classes}), found {labels[i]} at index {i}")
     return images, labels
+
+
+def idx_sha256(array: np.ndarray) -> str:
+    """The sha256 of ``array``'s uint8 IDX encoding: for an array from read_idx, that of the
+    file's decompressed bytes, whatever its compression, hashed without decompressing again."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"IDX checksums are defined here for uint8 arrays, got {array.dtype}")
+    digest = hashlib.sha256(bytes([0, 0, UINT8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape))
+    digest.update(np.ascontiguousarray(array))  # a buffer, so no 47 MB copy for a read_idx result
+    return digest.hexdigest()
