@@ -32,6 +32,15 @@ class Checkpoint:
     optimizer: dict = field(default_factory=dict)
 
 
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_atomic(path, write):
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it over
     `path`: a crash at any moment leaves the old file or the new one, never half of one."""
@@ -39,6 +48,7 @@ def write_atomic(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would give
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 
@@ -109,6 +110,16 @@ class DataSpec(_Section):
     train_limit: Optional[PosInt] = None
     test_limit: Optional[PosInt] = None
     fallback: Bool = True
+    # Base URLs tried before a dataset's own mirrors when it has to be downloaded.
+    mirrors: list[Str] = []
+
+    @field_validator("mirrors")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for i, url in enumerate(v):
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+                raise _bad("expected an http:// or https:// URL", url, at=(i,))
+        return v
 
     @field_validator("validation", mode="before")
     @classmethod
@@ -225,12 +236,18 @@ class ModelSpec(_Section):
 
 
 class OptimizerSpec(_Section):
-    """SGD with optional momentum and L2 weight decay."""
+    """SGD with optional momentum and L2 weight decay, and a per-epoch learning-rate schedule."""
 
     type: Literal["sgd"] = "sgd"
     lr: Annotated[Float, Field(gt=0)] = 0.05
     momentum: Annotated[Float, Field(ge=0)] = 0.0
     weight_decay: Annotated[Float, Field(ge=0)] = 0.0
+    # constant: lr; step: lr * gamma^((epoch-1) // step_size);
+    # cosine: from lr down to min_lr over training.epochs (half a cosine wave).
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    step_size: PosInt = 10
+    gamma: Annotated[Float, Field(gt=0)] = 0.1
+    min_lr: Annotated[Float, Field(ge=0)] = 0.0
 
 
 class TrainingSpec(_Section):
@@ -239,6 +256,11 @@ class TrainingSpec(_Section):
     epochs: PosInt = 10
     batch_size: PosInt = 64
     eval_batch_size: PosInt = 1000
+    # Worker threads for one batch's chunks; null = one per available core, at most 4.
+    # Results do not depend on it (see cnntrain/engine/model.py).
+    threads: Optional[PosInt] = None
+    # Stop when validation accuracy has not improved for this many epochs; null = never.
+    patience: Optional[PosInt] = None
 
 
 class Config(_Section):
@@ -257,6 +279,13 @@ class Config(_Section):
         if not _RUN_NAME.match(v) or v in (".", ".."):
             raise _bad("expected letters, digits, '-', '_' or '.' (it names the run folder)", v)
         return v
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> "Config":
+        if self.training.patience is not None and self.data.validation == 0:
+            raise _bad("early stopping watches validation accuracy: set data.validation > 0",
+                       at=("training", "patience"))
+        return self
 
     def to_dict(self) -> dict:
         """Plain dict of every resolved value (lists, not tuples), ready for JSON or YAML."""

@@ -1,14 +1,26 @@
 """The training and evaluation loops: the seed's train(input, label) = forward; backward;
 updateWeights, over shuffled batches, with a validation pass per epoch and a test pass
 at the end. No argument parsing or printing here: progress goes to a `report` callback.
+
+A run can stop and go on. `last.npz` carries, besides weights and momentum buffers, a
+RunState: epochs and steps done, the batches done in an unfinished epoch, the shuffle
+generator's state at that epoch's start (so its permutation can be drawn again) and the
+epoch's running sums. A resumed run therefore takes exactly the steps the uninterrupted
+run would have taken, and ends with bitwise-identical weights.
 """
 
+import itertools
+import math
+import os
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from . import __version__
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data.batches import iterate_batches, num_batches, split_validation
 from .engine.loss import softmax_cross_entropy
 from .engine.model import ShapeError, build_model
@@ -20,11 +32,54 @@ class DataMismatch(ValueError):
     """The data does not fit the model (image shape or number of classes)."""
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; last.npz can resume it."""
+
+    def __init__(self, request, epoch, step, run_dir):
+        self.exit_code = request.exit_code
+        super().__init__(
+            f"interrupted by {request.name} in epoch {epoch}, after step {step}; saved "
+            f"{Path(run_dir) / 'checkpoints' / 'last.npz'}; continue with: "
+            f"cnntrain train --resume {run_dir}")
+
+
+@dataclass
+class RunState:
+    """Everything besides weights and momentum that continuing a run needs; stored in
+    last.npz's metadata under "resume". Plain JSON values only."""
+
+    epoch: int = 0                  # epochs completed
+    step: int = 0                   # optimizer steps taken, all epochs
+    batch: int = 0                  # batches already done in epoch + 1 (an interrupted epoch)
+    rng: Optional[dict] = None      # shuffle generator state at the start of epoch + 1
+    seen: int = 0                   # epoch + 1 so far: images, summed loss, right answers
+    loss_sum: float = 0.0
+    correct: int = 0
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0      # time in training steps, all sessions
+    wall_seconds: float = 0.0       # wall time of the sessions before this one
+    best_epoch: Optional[int] = None
+    best_val_acc: Optional[float] = None
+    last_row: Optional[dict] = None  # metrics.csv row of the last completed epoch
+
+
 def make_model(cfg, seed_rng=None):
     """Build the network a config describes, with its initial weights drawn from the seed."""
     model_cfg = cfg["model"]
     rng = seed_rng if seed_rng is not None else init_rng(cfg["seed"])
-    return build_model(model_cfg["layers"], model_cfg["input"], model_cfg["dtype"], rng)
+    return build_model(model_cfg["layers"], model_cfg["input"], model_cfg["dtype"], rng,
+                       workers=worker_threads(cfg["training"].get("threads")))
+
+
+def worker_threads(threads):
+    """training.threads, or one per core this process may use, at most 4 (null)."""
+    if threads:
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def init_rng(seed):
@@ -35,6 +90,16 @@ def init_rng(seed):
 
 def shuffle_rng(seed):
     return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
+
+
+def learning_rate(opt, epoch, epochs):
+    """The learning rate of `epoch` (1-based) under optimizer.schedule."""
+    lr = opt["lr"]
+    if opt["schedule"] == "step":
+        return lr * opt["gamma"] ** ((epoch - 1) // opt["step_size"])
+    if opt["schedule"] == "cosine":  # lr at epoch 1, approaching min_lr at the end
+        return opt["min_lr"] + (lr - opt["min_lr"]) * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+    return lr
 
 
 def prepare_data(cfg, dataset, model):
@@ -66,118 +131,215 @@ def prepare_data(cfg, dataset, model):
 
 def evaluate(model, images, labels, batch_size):
     """Mean loss and accuracy over a whole uint8 set, in inference mode (no caches)."""
+    loss, acc, _ = evaluate_with_confusion(model, images, labels, batch_size)
+    return loss, acc
+
+
+def evaluate_with_confusion(model, images, labels, batch_size):
+    """(mean loss, accuracy, confusion matrix) in one pass; the matrix is (K, K) counts,
+    row = true label, column = predicted label. (None, None, zeros) for an empty set."""
+    classes = model.layers[-1].out_shape[0]
+    matrix = np.zeros((classes, classes), dtype=np.int64)
     if len(images) == 0:
-        return None, None
+        return None, None, matrix
     total_loss, correct = 0.0, 0
     for x, y in iterate_batches(images, labels, batch_size, model.dtype):
-        logits = model.forward(x, train=False)
+        logits = model.predict(x)
         loss, _, _ = softmax_cross_entropy(logits, y)
         total_loss += loss * len(y)
-        correct += int(np.count_nonzero(logits.argmax(axis=1) == y))
-    return total_loss / len(images), correct / len(images)
-
-
-def confusion_matrix(model, images, labels, batch_size, classes):
-    """(classes, classes) counts: row = true label, column = predicted label."""
-    matrix = np.zeros((classes, classes), dtype=np.int64)
-    for x, y in iterate_batches(images, labels, batch_size, model.dtype):
-        pred = model.forward(x, train=False).argmax(axis=1)
+        pred = logits.argmax(axis=1)
+        correct += int(np.count_nonzero(pred == y))
         np.add.at(matrix, (y, pred), 1)
-    return matrix
+    return total_loss / len(images), correct / len(images), matrix
 
 
-def train(cfg, model, splits, run_dir, data_info, report=lambda event, **kw: None,
-          config_yaml=None):
+def confusion_matrix(model, images, labels, batch_size, classes=None):
+    """(classes, classes) counts: row = true label, column = predicted label."""
+    return evaluate_with_confusion(model, images, labels, batch_size)[2]
+
+
+def _silent(event, **kw):
+    pass
+
+
+def train(cfg, model, splits, run_dir, data_info, report=_silent, config_yaml=None, *,
+          stop=None, state=None, velocity=None, summary=None, restore_rows=(), plots=True):
     """Train `model` as the resolved config `cfg` (a plain dict) says, writing every file
     of the run into run_dir. Returns the summary dict (also written as summary.json).
 
-    report(event, **fields) receives "epoch_start", "batch", "epoch_end" events for
-    whoever shows progress.
+    A resumed run passes `state` and `velocity` (the momentum buffers) from last.npz, with
+    the model already holding last.npz's weights, `summary` (the run's summary so far) and
+    `restore_rows` (metrics rows the checkpoint has but metrics.csv lost to a kill).
+    `stop` (an interrupt.StopRequest) is checked after every step. plots=False skips
+    results.png and confusion_matrix.png.
+
+    report(event, **fields) receives "epoch_start", "batch", "epoch_end" and "note".
+    Raises FloatingPointError (diverged), Interrupted or any error, each after writing
+    summary.json with the run's status.
     """
+    run_dir = Path(run_dir)
     opt_cfg, tr = cfg["optimizer"], cfg["training"]
-    epochs, eval_bs = tr["epochs"], tr["eval_batch_size"]
     optimizer = SGD(model.params(), model.grads(), opt_cfg["lr"], opt_cfg["momentum"],
                     opt_cfg["weight_decay"])
+    if velocity:
+        optimizer.load_state(velocity)
+    state = state if state is not None else RunState()
     rng = shuffle_rng(cfg["seed"]) if cfg["data"]["shuffle"] else None
+    if rng is not None and state.rng is not None:
+        rng.bit_generator.state = state.rng
     train_x = splits["train"][0]
-    steps_per_epoch = num_batches(len(train_x), tr["batch_size"])
     if config_yaml is not None:
         write_text(run_dir / "config.yaml", config_yaml)
-    summary = {
-        "name": cfg["name"], "status": "running", "seed": cfg["seed"],
-        "cnntrain_version": __version__, "data": data_info,
-        "train_images": len(train_x), "val_images": len(splits["val"][0]),
-        "test_images": len(splits["test"][0]),
-    }
-    write_json(run_dir / "summary.json", summary)
-
+    summary = {**(summary or {}),
+               "name": cfg["name"], "status": "running", "seed": cfg["seed"],
+               "cnntrain_version": __version__, "data": data_info,
+               "train_images": len(train_x), "val_images": len(splits["val"][0]),
+               "test_images": len(splits["test"][0]), "planned_epochs": tr["epochs"],
+               "run_dir": str(run_dir)}
+    overrides = summary.setdefault("overrides", [])
+    write_text(run_dir / "overrides.txt", "".join(f"{o}\n" for o in overrides))
+    for row in restore_rows:
+        append_metrics(run_dir / "metrics.csv", row)
     started = time.perf_counter()
+
+    def elapsed():
+        return state.wall_seconds + time.perf_counter() - started
+
+    def write_summary(status, **fields):
+        summary.update(status=status, epochs=state.epoch, steps=state.step,
+                       best_epoch=state.best_epoch, best_val_acc=state.best_val_acc,
+                       wall_time_s=round(elapsed(), 3), **fields)
+        write_json(run_dir / "summary.json", summary)
+
+    write_summary("running")
     try:
         # Overflow on the way to a NaN is reported once, as divergence, not as warnings.
         with np.errstate(over="ignore", invalid="ignore"):
-            history, step, train_seconds = _epochs(
-                model, optimizer, splits, run_dir, cfg, rng, report, steps_per_epoch)
-    except FloatingPointError:
-        summary.update(status="diverged", wall_time_s=round(time.perf_counter() - started, 3))
-        write_json(run_dir / "summary.json", summary)
+            stopped_early = _epochs(model, optimizer, splits, run_dir, cfg, state, rng, report,
+                                    stop, elapsed, lambda: write_summary("running"))
+    except FloatingPointError as e:
+        write_summary("diverged", error=str(e))
+        raise
+    except Interrupted:
+        write_summary("interrupted", interrupted_by=stop.name)
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: last.npz is the last epoch's, or a stop's
+        write_summary("interrupted", interrupted_by="SIGINT")
+        raise
+    except Exception as e:
+        write_summary("failed", error=f"{type(e).__name__}: {e}")
         raise
 
-    # test the final weights
-    test_loss, test_acc = evaluate(model, *splits["test"], eval_bs)
-    summary.update({
-        "status": "completed", "epochs": epochs, "steps": step,
-        "test_loss": test_loss, "test_acc": test_acc,
-        "final_train_loss": history[-1]["train_loss"], "final_val_acc": history[-1]["val_acc"],
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "train_images_per_s": round(len(train_x) * epochs / train_seconds, 1),
-        "checkpoint": str(run_dir / "checkpoints" / "last.npz"),
-        "run_dir": str(run_dir),
-    })
-    write_json(run_dir / "summary.json", summary)
+    # test the last weights, then the best ones (highest validation accuracy) if they differ
+    eval_bs = tr["eval_batch_size"]
+    last_loss, last_acc, last_matrix = evaluate_with_confusion(model, *splits["test"], eval_bs)
+    best_path = run_dir / "checkpoints" / "best.npz"
+    test_loss, test_acc, matrix = last_loss, last_acc, last_matrix
+    if state.best_epoch is not None and state.best_epoch != state.epoch:
+        model.load_params(load_checkpoint(best_path).params)
+        test_loss, test_acc, matrix = evaluate_with_confusion(model, *splits["test"], eval_bs)
+    with_best = state.best_epoch is not None
+    last_row = state.last_row or {}
+    write_summary(
+        "completed", stopped_early=stopped_early,
+        test_checkpoint="best" if with_best else "last",
+        checkpoint=str(best_path if with_best else run_dir / "checkpoints" / "last.npz"),
+        test_loss=test_loss, test_acc=test_acc,
+        final_test_loss=last_loss, final_test_acc=last_acc,
+        final_train_loss=last_row.get("train_loss"), final_val_acc=last_row.get("val_acc"),
+        train_images_per_s=round(len(train_x) * state.epoch / state.train_seconds, 1)
+        if state.train_seconds else None,
+        test_confusion_matrix=matrix.tolist())
+
+    if plots:
+        from .plots import draw_run_plots
+
+        note = draw_run_plots(run_dir, matrix, data_info.get("dataset"))
+        if note:
+            report("note", text=note)
     return summary
 
 
-def _epochs(model, optimizer, splits, run_dir, cfg, rng, report, steps_per_epoch):
-    """The epochs themselves; returns (history rows, steps taken, seconds spent training)."""
-    epochs, batch_size = cfg["training"]["epochs"], cfg["training"]["batch_size"]
-    eval_bs, lr = cfg["training"]["eval_batch_size"], cfg["optimizer"]["lr"]
+def _epochs(model, optimizer, splits, run_dir, cfg, state, rng, report, stop, elapsed,
+            epoch_done):
+    """The epochs from state.epoch + 1 on, updating `state`; True if early stopping ended them."""
+    tr = cfg["training"]
+    epochs, batch_size, eval_bs, patience = (tr["epochs"], tr["batch_size"],
+                                             tr["eval_batch_size"], tr["patience"])
     train_x, train_y = splits["train"]
-    train_seconds, step, history = 0.0, 0, []
-    for epoch in range(1, epochs + 1):
+    steps_per_epoch = num_batches(len(train_x), batch_size)
+    last_path, best_path = run_dir / "checkpoints" / "last.npz", run_dir / "checkpoints" / "best.npz"
+
+    def save(path, row=None):
+        resume = {**asdict(state), "wall_seconds": elapsed()}
+        save_checkpoint(path, model.params(),
+                        {"config": cfg, "epoch": state.epoch, "step": state.step, "metrics": row,
+                         "cnntrain_version": __version__, "resume": resume},
+                        optimizer.state())
+
+    for epoch in range(state.epoch + 1, epochs + 1):
+        if patience is not None and state.best_epoch is not None and epoch - 1 - state.best_epoch >= patience:
+            return True
+
         # train: forward, backward, update, one batch at a time
-        report("epoch_start", epoch=epoch, epochs=epochs, steps=steps_per_epoch)
+        lr = learning_rate(cfg["optimizer"], epoch, epochs)
+        report("epoch_start", epoch=epoch, epochs=epochs, steps=steps_per_epoch, done=state.batch)
+        epoch_rng = rng.bit_generator.state if rng is not None else None  # before the permutation
+        # a resumed epoch draws the same permutation again and skips the batches already done
+        batches = itertools.islice(
+            iterate_batches(train_x, train_y, batch_size, model.dtype, rng), state.batch, None)
         t0 = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
-        for x, y in iterate_batches(train_x, train_y, batch_size, model.dtype, rng):
+        for x, y in batches:
             loss, logits = model.loss(x, y)
             if not np.isfinite(loss):
+                kept = (f"checkpoints/last.npz keeps epoch {state.epoch}" if state.epoch
+                        else "no checkpoint was written")
                 raise FloatingPointError(
-                    f"the loss became {loss} at epoch {epoch}, step {step + 1}: "
-                    f"try a smaller optimizer.lr (now {lr})")
-            optimizer.step()
-            step += 1
-            seen += len(y)
-            loss_sum += loss * len(y)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == y))
+                    f"the loss became {loss} at epoch {epoch}, step {state.step + 1} (batch "
+                    f"{state.batch + 1} of {steps_per_epoch}): try a smaller optimizer.lr "
+                    f"(now {lr:g}); {kept}")
+            optimizer.step(lr=lr)
+            state.step += 1
+            state.batch += 1
+            state.seen += len(y)
+            state.loss_sum += loss * len(y)
+            state.correct += int(np.count_nonzero(logits.argmax(axis=1) == y))
             report("batch", loss=loss)
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
+            if stop and state.batch < steps_per_epoch:
+                seconds = time.perf_counter() - t0
+                state.epoch_seconds += seconds
+                state.train_seconds += seconds
+                state.rng = epoch_rng
+                save(last_path)
+                raise Interrupted(stop, epoch, state.step, run_dir)
+        seconds = time.perf_counter() - t0
+        state.train_seconds += seconds
 
-        # validate, record, checkpoint
+        # validate and record
         val_loss, val_acc = evaluate(model, *splits["val"], eval_bs)
-        row = {"epoch": epoch, "time_s": round(epoch_seconds, 3), "lr": lr,
-               "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        row = {"epoch": epoch, "time_s": round(state.epoch_seconds + seconds, 3), "lr": lr,
+               "train_loss": state.loss_sum / state.seen, "train_acc": state.correct / state.seen,
                "val_loss": val_loss, "val_acc": val_acc}
-        history.append(row)
+        improved = val_acc is not None and (state.best_val_acc is None or val_acc > state.best_val_acc)
+        if improved:
+            state.best_epoch, state.best_val_acc = epoch, val_acc
+        state.epoch, state.batch, state.last_row = epoch, 0, row
+        state.seen, state.loss_sum, state.correct, state.epoch_seconds = 0, 0.0, 0, 0.0
+        state.rng = rng.bit_generator.state if rng is not None else None
+
+        # checkpoints first, then the metrics row: a kill in between loses the row, which
+        # a resume restores from last.npz; metrics.csv never gets ahead of the checkpoint
+        if improved:
+            save(best_path, row)
+        save(last_path, row)
         append_metrics(run_dir / "metrics.csv", row)
-        save_checkpoint(run_dir / "checkpoints" / "last.npz", model.params(),
-                        {"config": cfg, "epoch": epoch, "step": step, "metrics": row,
-                         "cnntrain_version": __version__},
-                        optimizer.state())
+        epoch_done()
         report("epoch_end", **row, epochs=epochs)
+        if stop:
+            raise Interrupted(stop, epoch, state.step, run_dir)
+    return False
 
-    return history, step, train_seconds
 
-
-__all__ = ["DataMismatch", "ShapeError", "confusion_matrix", "evaluate", "make_model",
+__all__ = ["DataMismatch", "Interrupted", "RunState", "ShapeError", "confusion_matrix",
+           "evaluate", "evaluate_with_confusion", "learning_rate", "make_model",
            "prepare_data", "train"]

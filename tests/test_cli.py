@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnntrain import __version__ as cnntrain_version
 from cnntrain.checkpoint import load_checkpoint
 from idx_helpers import write_idx_dir
 
@@ -42,8 +43,12 @@ def small_run(tmp_path_factory):
 def test_train_writes_the_run_folder(small_run):
     tmp, result = small_run
     run = tmp / "runs" / "lenet"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv",
-                                                     "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock", "checkpoints", "config.yaml", "confusion_matrix.png", "metrics.csv",
+        "overrides.txt", "results.png", "summary.json"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.npz", "last.npz"]
+    assert (run / "overrides.txt").read_text().splitlines() == SMALL
+    assert (run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "time_s", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
@@ -55,6 +60,15 @@ def test_train_writes_the_run_folder(small_run):
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (300, 100, 200)
     assert summary["steps"] == 2 * 10  # ceil(300 / 32) per epoch
     assert summary["train_images_per_s"] > 0 and summary["wall_time_s"] > 0
+    assert summary["overrides"] == SMALL and summary["cnntrain_version"] == cnntrain_version
+    # the best epoch is the one with the highest validation accuracy, first one on ties
+    val = [float(r["val_acc"]) for r in rows]
+    assert summary["best_epoch"] == val.index(max(val)) + 1
+    assert summary["best_val_acc"] == pytest.approx(max(val), abs=1e-6)
+    assert summary["checkpoint"] == "runs/lenet/checkpoints/best.npz"
+    matrix = np.array(summary["test_confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 200
+    assert np.trace(matrix) / 200 == summary["test_acc"]
     # the resolved config is a config: it loads back and names every default
     resolved = (run / "config.yaml").read_text()
     assert "train_limit: 400" in resolved and "eval_batch_size: 1000" in resolved
@@ -72,12 +86,14 @@ def test_json_mode_prints_only_the_summary_on_stdout(small_run):
 def test_eval_reproduces_the_test_accuracy_from_the_checkpoint_alone(small_run):
     tmp, result = small_run
     summary = json.loads(result.stdout)
-    out = cnntrain("eval", tmp / "runs" / "lenet" / "checkpoints" / "last.npz", "--json", cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    ev = json.loads(out.stdout)
-    assert ev["test_acc"] == summary["test_acc"] and ev["test_loss"] == summary["test_loss"]
-    assert ev["test_images"] == 200 and ev["epoch"] == 2
-    human = cnntrain("eval", tmp / "runs" / "lenet" / "checkpoints" / "last.npz", cwd=ROOT)
+    for which, acc, loss, epoch in (("best", "test_acc", "test_loss", summary["best_epoch"]),
+                                    ("last", "final_test_acc", "final_test_loss", 2)):
+        out = cnntrain("eval", tmp / "runs" / "lenet" / "checkpoints" / f"{which}.npz", "--json", cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        ev = json.loads(out.stdout)
+        assert ev["test_acc"] == summary[acc] and ev["test_loss"] == summary[loss]
+        assert ev["test_images"] == 200 and ev["epoch"] == epoch
+    human = cnntrain("eval", summary["checkpoint"], cwd=tmp)  # paths in the summary are as given
     assert f"test accuracy {100 * summary['test_acc']:.2f}%" in human.stdout
 
 
@@ -187,4 +203,5 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_help_lists_the_commands():
     result = cnntrain("--help", cwd=ROOT)
-    assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+    assert result.returncode == 0
+    assert all(command in result.stdout for command in ("train", "eval", "runs", "predict"))

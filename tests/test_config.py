@@ -28,7 +28,7 @@ def test_defaults_are_the_lenet_seed_network():
     c = Config()
     assert (c.name, c.seed) == ("lenet", 0)
     assert c.data.model_dump() == {"dataset": "mnist", "dir": None, "validation": 0.1, "shuffle": True,
-                                   "train_limit": None, "test_limit": None, "fallback": True}
+                                   "train_limit": None, "test_limit": None, "fallback": True, "mirrors": []}
     assert (c.model.input, c.model.dtype) == ((1, 28, 28), "float32")
     assert [layer.name for layer in c.model.layers] == ["conv1", "pool2", "conv3", "pool4", "ff5", "ff6", "output"]
     conv1, conv3 = c.model.layers[0], c.model.layers[2]
@@ -36,8 +36,10 @@ def test_defaults_are_the_lenet_seed_network():
     assert (conv3.filters, conv3.padding, conv3.connections) == (16, 0, "full")
     assert [layer.units for layer in c.model.layers[4:]] == [120, 84, 10]
     assert c.model.layers[-1].activation == "none"
-    assert c.optimizer.model_dump() == {"type": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0}
-    assert c.training.model_dump() == {"epochs": 10, "batch_size": 64, "eval_batch_size": 1000}
+    assert c.optimizer.model_dump() == {"type": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0,
+                                        "schedule": "constant", "step_size": 10, "gamma": 0.1, "min_lr": 0.0}
+    assert c.training.model_dump() == {"epochs": 10, "batch_size": 64, "eval_batch_size": 1000,
+                                       "threads": None, "patience": None}
 
 
 def test_empty_mapping_gives_defaults_named_after_the_file(write):
@@ -138,7 +140,16 @@ def layers(*replace):
     ("optimizer: {type: adam}", [], "bad.yaml: optimizer.type: expected one of sgd, got 'adam'"),
     ("optimizer: {lrr: 0.1}", [], "bad.yaml: optimizer.lrr: unknown key; did you mean 'lr'?"),
     ("optimizer: {zzz: 1}", [],
-     "bad.yaml: optimizer.zzz: unknown key; expected one of type, lr, momentum, weight_decay"),
+     "bad.yaml: optimizer.zzz: unknown key; expected one of type, lr, momentum, weight_decay, schedule, "
+     "step_size, gamma, min_lr"),
+    ("optimizer: {schedule: cosin}", [],
+     "bad.yaml: optimizer.schedule: expected one of constant, step, cosine, got 'cosin'"),
+    ("optimizer: {gamma: 0}", [], "bad.yaml: optimizer.gamma: must be greater than 0, got 0"),
+    ("optimizer: {step_size: 0}", [], "bad.yaml: optimizer.step_size: must be at least 1, got 0"),
+    ("training: {patience: 0}", [], "bad.yaml: training.patience: must be at least 1, got 0"),
+    ("data: {validation: 0}", ["training.patience=3"],
+     "override 'training.patience=3': training.patience: early stopping watches validation accuracy: "
+     "set data.validation > 0"),
     ("traning: {epochs: 1}", [], "bad.yaml: traning: unknown key; did you mean 'training'?"),
     ("training: {epochs: ten}", [], "bad.yaml: training.epochs: expected an integer, got 'ten'"),
     ("training: {epochs: '10'}", [], "bad.yaml: training.epochs: expected an integer, got '10'"),
