@@ -1,9 +1,10 @@
-"""Throughput of the training and evaluation loops, and the same network in PyTorch when
-torch happens to be importable, timed in the same process on the same batches.
+"""Throughput of the training and evaluation loops, and of the same network in PyTorch
+when torch happens to be importable, timed side by side in one process on the same batches.
 
-Timing method: a warm-up, then `repeats` timed passes over the same images; the median
-pass is reported, since these machines are shared and noisy. Speeds are meant to be read
-as ratios measured in one run, never as absolute figures from different runs.
+Timing method: for each job, one warm-up pass per implementation, then `repeats` rounds in
+which cnntrain and PyTorch each make one timed pass over the same images, alternating, so
+that both meet the same noise of a shared machine. Each side's median pass is reported,
+and the ratio of the medians. Read the ratios; absolute figures vary from run to run.
 """
 
 import resource
@@ -25,21 +26,10 @@ def synthetic_data(n, shape, classes, seed=0):
             rng.integers(0, classes, size=n).astype(np.uint8))
 
 
-def _median_rate(run_once, images, repeats):
-    run_once()  # warm-up: first-touch allocations, BLAS thread start-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
-    return images / float(np.median(times))
-
-
-def numpy_rates(cfg, images, labels, batch_sizes, eval_batch, repeats, workers):
-    """{batch_size: training images/s} and evaluation images/s for cnntrain's engine."""
-    model_cfg = cfg["model"]
-    dtype = model_cfg["dtype"]
-    train = {}
+def numpy_jobs(cfg, images, labels, batch_sizes, eval_batch, workers):
+    """{job name: one pass over the images} for cnntrain's engine."""
+    model_cfg, dtype = cfg["model"], cfg["model"]["dtype"]
+    jobs = {}
     for bs in batch_sizes:
         model = build_model(model_cfg["layers"], model_cfg["input"], dtype,
                             np.random.default_rng(0), workers)
@@ -50,19 +40,20 @@ def numpy_rates(cfg, images, labels, batch_sizes, eval_batch, repeats, workers):
                 model.loss(x, y)
                 opt.step()
 
-        train[bs] = _median_rate(epoch, len(images), repeats)
+        jobs[f"train_{bs}"] = epoch
 
-    def evaluate():
+    def evaluate(model=model):
         for x, _ in iterate_batches(images, labels, eval_batch, dtype):
             model.predict(x)
 
-    return train, _median_rate(evaluate, len(images), repeats)
+    jobs["eval"] = evaluate
+    return jobs
 
 
 def torch_network(torch, cfg):
     """The config's network in PyTorch (full connections only), or None if it has others."""
     nn = torch.nn
-    c, h, w = cfg["model"]["input"]
+    c = cfg["model"]["input"][0]
     layers, spatial = [], True
     for spec in cfg["model"]["layers"]:
         if spec["type"] == "conv":
@@ -82,18 +73,18 @@ def torch_network(torch, cfg):
     return nn.Sequential(*layers)
 
 
-def torch_rates(cfg, images, labels, batch_sizes, eval_batch, repeats):
-    """The same loops in PyTorch, fed the same float batches; None without torch."""
+def torch_jobs(cfg, images, labels, batch_sizes, eval_batch):
+    """The same jobs in PyTorch, fed the same float batches; None without torch."""
     try:
         import torch
     except ImportError:
         return None
-    functional = torch.nn.functional
-    dtype = cfg["model"]["dtype"]
     if torch_network(torch, cfg) is None:
         return None
+    functional = torch.nn.functional
+    dtype = cfg["model"]["dtype"]
     tdtype = torch.float64 if dtype == "float64" else torch.float32
-    train = {}
+    jobs = {}
     for bs in batch_sizes:
         torch.manual_seed(0)
         net = torch_network(torch, cfg).to(tdtype)
@@ -107,15 +98,21 @@ def torch_rates(cfg, images, labels, batch_sizes, eval_batch, repeats):
                 loss.backward()
                 opt.step()
 
-        train[bs] = _median_rate(epoch, len(images), repeats)
+        jobs[f"train_{bs}"] = epoch
 
-    def evaluate():
+    def evaluate(net=net):
         with torch.no_grad():
             for x, _ in iterate_batches(images, labels, eval_batch, dtype):
                 net(torch.from_numpy(x))
 
-    return {"train": train, "eval": _median_rate(evaluate, len(images), repeats),
-            "version": torch.__version__, "threads": torch.get_num_threads()}
+    jobs["eval"] = evaluate
+    return jobs, {"version": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def peak_rss_mib():
@@ -127,7 +124,7 @@ def peak_rss_mib():
 def run_bench(cfg, batch_sizes, images=4096, repeats=5, eval_batch=None, data=None, workers=1):
     """Time cnntrain (and PyTorch if importable) on `images` images of the config's shape.
 
-    Returns a JSON-able dict; never fails on speed.
+    Returns a JSON-able dict of images/s per job; never fails on speed.
     """
     c, h, w = cfg["model"]["input"]
     classes = cfg["model"]["layers"][-1]["units"]
@@ -138,18 +135,29 @@ def run_bench(cfg, batch_sizes, images=4096, repeats=5, eval_batch=None, data=No
     else:
         x, y = data.train_images[:images], data.train_labels[:images]
         source = data.name
-    ours_train, ours_eval = numpy_rates(cfg, x, y, batch_sizes, eval_batch, repeats, workers)
-    result = {
-        "images": int(len(x)), "data": source, "repeats": repeats, "dtype": cfg["model"]["dtype"],
-        "workers": workers,
-        "eval_batch_size": eval_batch,
-        "cnntrain": {"train": ours_train, "eval": ours_eval},
-        # before torch is imported, so it is cnntrain's own peak
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-    }
-    theirs = torch_rates(cfg, x, y, batch_sizes, eval_batch, repeats)
-    if theirs is not None:
-        result["torch"] = theirs
-        result["ratio"] = {"train": {bs: ours_train[bs] / theirs["train"][bs] for bs in batch_sizes},
-                           "eval": ours_eval / theirs["eval"]}
+    ours = numpy_jobs(cfg, x, y, batch_sizes, eval_batch, workers)
+    # Measured before torch is imported, so it is cnntrain's own peak (jobs run once below).
+    for job in ours.values():
+        job()
+    peak = peak_rss_mib()
+    found = torch_jobs(cfg, x, y, batch_sizes, eval_batch)
+    theirs, torch_info = found if found else ({}, None)
+    times = {name: ([], []) for name in ours}
+    for name, job in ours.items():
+        if name in theirs:
+            theirs[name]()  # warm-up
+        for _ in range(repeats):
+            times[name][0].append(_timed(job))
+            if name in theirs:
+                times[name][1].append(_timed(theirs[name]))
+
+    def rates(side):
+        return {name: len(x) / float(np.median(t[side])) for name, t in times.items() if t[side]}
+
+    result = {"images": int(len(x)), "data": source, "repeats": repeats,
+              "dtype": cfg["model"]["dtype"], "workers": workers, "eval_batch_size": eval_batch,
+              "batch_sizes": list(batch_sizes), "cnntrain": rates(0), "peak_rss_mib": round(peak, 1)}
+    if torch_info:
+        result["torch"] = {**torch_info, **rates(1)}
+        result["ratio"] = {name: result["cnntrain"][name] / result["torch"][name] for name in ours}
     return result

@@ -279,14 +279,12 @@ def bench(
     if torch:
         table.add_column(f"torch {torch['version']} ({torch['threads']} threads)", justify="right")
         table.add_column("ratio", justify="right")
-    rows = [(f"train, batch {bs}", result["cnntrain"]["train"][bs],
-             torch and torch["train"][bs], torch and result["ratio"]["train"][bs]) for bs in sizes]
-    rows.append((f"evaluate, batch {result['eval_batch_size']}", result["cnntrain"]["eval"],
-                 torch and torch["eval"], torch and result["ratio"]["eval"]))
-    for job, ours, theirs, ratio in rows:
-        cells = [job, f"{ours:,.0f}"]
+    jobs = [(f"train_{bs}", f"train, batch {bs}") for bs in sizes]
+    jobs.append(("eval", f"evaluate, batch {result['eval_batch_size']}"))
+    for key, label in jobs:
+        cells = [label, f"{result['cnntrain'][key]:,.0f}"]
         if torch:
-            cells += [f"{theirs:,.0f}", f"{ratio:.2f}x"]
+            cells += [f"{torch[key]:,.0f}", f"{result['ratio'][key]:.2f}x"]
         table.add_row(*cells)
     console = Console()
     console.print(table)

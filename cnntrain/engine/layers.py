@@ -199,8 +199,8 @@ class Dense:
         x, out = self.cache
         if self.relu:
             dout = dout * (out > 0)
-        self.grads["weight"][...] = dout.T @ x
-        self.grads["bias"][...] = dout.sum(axis=0)
+        np.matmul(dout.T, x, out=self.grads["weight"])  # straight into the buffer: no copy
+        np.sum(dout, axis=0, out=self.grads["bias"])
         if not self.needs_input_grad:
             return None
         return dout @ self.params["weight"]
