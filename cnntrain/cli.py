@@ -7,6 +7,7 @@ Heavy modules (NumPy, pydantic, the engine) are imported inside the commands so 
 """
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -388,8 +389,20 @@ def predict(
         typer.echo(f"{pred['input']}: {pred['name']}  ({others})")
 
 
-def main():  # pragma: no cover - the console script calls app() directly
-    app()
+def main():
+    """The console script: the app, with Ctrl-C outside training answered as documented.
+
+    Click would print "Aborted!" and exit 1. Training installs its own handler (it stops
+    after the current step and saves); everywhere else a Ctrl-C ends the command with one
+    line and exit 130, unwinding normally so that cleanups run (a download's partial file
+    is removed).
+    """
+    def interrupted(signum, frame):
+        typer.echo("error: interrupted by SIGINT", err=True)
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+    app(prog_name="cnntrain")
 
 
 if __name__ == "__main__":
