@@ -48,6 +48,22 @@ def load_data(cfg, json_mode, quiet):
     return dataset
 
 
+def load_model(checkpoint):
+    """(checkpoint, its config as a dict, the model with its weights), or exit 1 with one line."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .config import Config, ConfigError
+    from .train import ShapeError, make_model
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = Config.from_dict(ckpt.metadata["config"], source=f"{checkpoint} (stored config)").to_dict()
+        model = make_model(cfg)
+        model.load_params(ckpt.params)
+    except (CheckpointError, ConfigError, ShapeError) as e:
+        fail(str(e), 1)
+    return ckpt, cfg, model
+
+
 @app.command()
 def train(
     config: Optional[str] = typer.Argument(
@@ -195,18 +211,10 @@ def evaluate_cmd(
     json_mode: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ):
     """Test accuracy and loss of a checkpoint, per-class accuracy and the confusion matrix; the checkpoint carries its config."""
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .config import Config, ConfigError
     from .report import class_names, confusion_table, print_table
-    from .train import DataMismatch, ShapeError, evaluate_with_confusion, make_model, prepare_data
+    from .train import DataMismatch, evaluate_with_confusion, prepare_data
 
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        cfg = Config.from_dict(ckpt.metadata["config"], source=f"{checkpoint} (stored config)").to_dict()
-        model = make_model(cfg)
-        model.load_params(ckpt.params)
-    except (CheckpointError, ConfigError, ShapeError) as e:
-        fail(str(e), 1)
+    ckpt, cfg, model = load_model(checkpoint)
     if dataset is not None:
         cfg["data"]["dataset"], cfg["data"]["dir"] = dataset, None
     if data_dir is not None:
@@ -350,21 +358,12 @@ def predict(
     json_mode: bool = typer.Option(False, "--json", help="Print the predictions as one JSON object on stdout."),
 ):
     """The class of each image and the top probabilities. Images become the model's input: grayscale, white on black, padded and resized."""
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .config import Config, ConfigError
     from .predict import InputError, load_inputs, predict as predict_probs
     from .report import class_names
-    from .train import ShapeError, make_model
 
     if invert not in ("auto", "yes", "no"):
         fail(f"--invert: expected auto, yes or no, got {invert!r}", 2)
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        cfg = Config.from_dict(ckpt.metadata["config"], source=f"{checkpoint} (stored config)").to_dict()
-        model = make_model(cfg)
-        model.load_params(ckpt.params)
-    except (CheckpointError, ConfigError, ShapeError) as e:
-        fail(str(e), 1)
+    ckpt, cfg, model = load_model(checkpoint)
     c, h, w = model.input_shape
     if c != 1:
         fail(f"{checkpoint}: the model takes {c}-channel images; predict reads grayscale only", 2)
