@@ -9,6 +9,7 @@ Heavy modules (NumPy, pydantic, the engine) are imported inside the commands so 
 import json
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -386,6 +387,70 @@ def predict(
     for pred in predictions:
         others = ", ".join(f"{t['name']} {100 * t['prob']:.1f}%" for t in pred["top"])
         typer.echo(f"{pred['input']}: {pred['name']}  ({others})")
+
+
+@app.command()
+def sweep(
+    spec_file: Optional[Path] = typer.Argument(
+        None, metavar="SPEC", help="Sweep spec (YAML), e.g. sweeps/lr-momentum.yaml (none with --resume)."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Join this Ray cluster (auto or HOST:PORT) instead of starting one here."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+                                                 help="At most N trials at a time."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The sweep folder goes in here."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", metavar="SWEEP_DIR",
+        help="Finish the trials of the sweep in SWEEP_DIR that had not finished; keep the others."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+):
+    """Run a hyperparameter sweep on Ray Tune (the `ray` extra); each trial is a run folder runs/NAME/TRIAL, then a table sorted by the spec's metric and sweep.json."""
+    from contextlib import redirect_stdout
+
+    from .report import print_table
+    from .sweep import (SweepError, import_ray, load_spec, local_cpus, run_sweep, save_spec,
+                        start_ray, summarize, sweep_table)
+
+    # the spec and every search value are checked before Ray is imported or a folder made
+    try:
+        if resume is not None:
+            if spec_file is not None:
+                raise SweepError(f"--resume takes the spec from {resume}/sweep.yaml: give no SPEC")
+            if not (resume / "sweep.yaml").is_file():
+                raise SweepError(f"{resume}: not a sweep folder (no sweep.yaml)")
+            spec, base = load_spec(resume / "sweep.yaml")
+            sweep_dir = resume
+        else:
+            if spec_file is None:
+                raise SweepError("missing SPEC: give a sweep spec, or --resume SWEEP_DIR")
+            spec, base = load_spec(spec_file)
+            sweep_dir = runs_dir / spec.name
+            if sweep_dir.exists():
+                raise SweepError(f"{sweep_dir} exists: continue that sweep with --resume {sweep_dir}, "
+                                 f"or give the spec another name")
+        ray = import_ray()
+    except SweepError as e:
+        fail(str(e), e.exit_code)
+    if resume is None:
+        sweep_dir.mkdir(parents=True)
+        save_spec(spec, base, sweep_dir)
+    human(f"sweep {spec.name} -> {sweep_dir}" + (f" on the Ray cluster at {address}" if address else ""),
+          json_mode)
+    with redirect_stdout(sys.stderr) if json_mode else nullcontext():
+        start_ray(ray, address, local_cpus())
+        try:
+            finished = run_sweep(spec, base, sweep_dir, resume=resume is not None,
+                                 max_concurrent=max_concurrent)
+        finally:
+            ray.shutdown()
+    result = summarize(spec, sweep_dir)
+    if json_mode:
+        typer.echo(json.dumps(result))
+    else:
+        print_table(sweep_table(result, list(spec.search)))
+    if not finished:
+        fail(f"sweep interrupted; continue with: cnntrain sweep --resume {sweep_dir}", 130)
+    if any(t["status"] in ("failed", "killed", "unreadable") for t in result["trials"]):
+        fail(f"some trials failed; their folders in {sweep_dir} say why", 1)
 
 
 def main():
