@@ -94,6 +94,7 @@ def runs_table(records, differing, title):
     for name in ("epochs", "best val acc", "test acc", "images/s"):
         table.add_column(name, justify="right")
     colour = {"completed": "green", "running": "cyan", "interrupted": "yellow",
+              "stopped_by_scheduler": "yellow",
               "diverged": "red", "failed": "red", "killed": "red"}
     for r in records:
         status = r["status"] or "?"
