@@ -490,17 +490,23 @@ def _apply_override(data: dict, text: str, source: str) -> tuple:
     raise AssertionError("unreachable")
 
 
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's content (with YAML 1.2 floats); a missing, unreadable or malformed
+    file is one ConfigError line naming `what` it is (a config file, a sweep spec)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no such {what}: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    return _parse_yaml(text, str(path))
+
+
 def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply KEY=VALUE overrides, validate; problems raise ConfigError."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"no such config file: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
-    data = _top_level(_parse_yaml(text, source), source)
+    data = _top_level(read_yaml_file(path, "config file"), source)
     data.setdefault("name", path.stem)
     origins = [(_apply_override(data, override, source), f"override {override!r}") for override in overrides]
     return _validate(data, source, origins)

@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
-from .config import ConfigError, Float, PosInt, Str, _explain, _parse_yaml, _show, load_config
+from .config import ConfigError, Float, PosInt, Str, _explain, _parse_yaml, _show, load_config, read_yaml_file
 
 RAY_EXTRA = 'pip install -e ".[ray]"'
 RAY_DIR = "ray-tune"                    # Ray Tune's experiment state, inside the sweep folder
@@ -158,13 +158,7 @@ def load_spec(path):
     returns (spec, absolute base path). Raises SweepError (exit 2) without touching Ray."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SweepError(f"no such sweep spec: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SweepError(f"cannot read sweep spec {path}: {e}") from None
-    try:
-        data = _parse_yaml(text, str(path))
+        data = read_yaml_file(path, "sweep spec")
     except ConfigError as e:
         raise SweepError(str(e)) from None
     if not isinstance(data, dict):

@@ -153,11 +153,6 @@ def evaluate_with_confusion(model, images, labels, batch_size):
     return total_loss / len(images), correct / len(images), matrix
 
 
-def confusion_matrix(model, images, labels, batch_size, classes=None):
-    """(classes, classes) counts: row = true label, column = predicted label."""
-    return evaluate_with_confusion(model, images, labels, batch_size)[2]
-
-
 def _silent(event, **kw):
     pass
 
@@ -340,6 +335,6 @@ def _epochs(model, optimizer, splits, run_dir, cfg, state, rng, report, stop, el
     return False
 
 
-__all__ = ["DataMismatch", "Interrupted", "RunState", "ShapeError", "confusion_matrix",
+__all__ = ["DataMismatch", "Interrupted", "RunState", "ShapeError",
            "evaluate", "evaluate_with_confusion", "learning_rate", "make_model",
            "prepare_data", "train"]
