@@ -377,3 +377,35 @@ def test_worker_threads_do_not_change_a_single_bit():
         np.testing.assert_array_equal(logits, results[0][2])
         for name in params:
             assert np.array_equal(params[name], results[0][1][name]), name
+
+
+def test_sgd_on_the_models_flat_buffer_equals_sgd_array_by_array():
+    """The model's weights are views of one flat buffer, so SGD updates them in one call;
+    the bits must be those of the update applied array by array, momentum and state too."""
+    model = build_model(LENET, (1, 28, 28), "float32", np.random.default_rng(0))
+    assert all(np.shares_memory(w, model.flat_params) for w in model.params().values())
+    separate = {k: v.copy() for k, v in model.params().items()}
+    flat_opt = SGD(model.params(), model.grads(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    assert len(flat_opt._pairs) == 1  # the fast path is really taken
+    grads = {k: np.zeros_like(v) for k, v in separate.items()}
+    opt = SGD(separate, grads, lr=0.05, momentum=0.9, weight_decay=0.01)
+    assert len(opt._pairs) == len(separate)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        model.loss(rng.random((5, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 5))
+        for k, g in model.grads().items():
+            grads[k][...] = g
+        flat_opt.step()
+        opt.step()
+    for name, w in model.params().items():
+        np.testing.assert_array_equal(w, separate[name], err_msg=name)
+    state = flat_opt.state()
+    assert set(state) == set(separate)
+    for name, v in opt.state().items():
+        np.testing.assert_array_equal(state[name], v, err_msg=name)
+    restored = SGD(model.params(), model.grads(), lr=0.05, momentum=0.9)
+    restored.load_state(state)
+    for name, v in restored.state().items():
+        np.testing.assert_array_equal(v, state[name], err_msg=name)
+    with pytest.raises(ValueError, match="lacks"):
+        restored.load_state({"ff5.weight": state["ff5.weight"]})

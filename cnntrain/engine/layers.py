@@ -199,7 +199,9 @@ class Dense:
         x, out = self.cache
         if self.relu:
             dout = dout * (out > 0)
-        np.matmul(dout.T, x, out=self.grads["weight"])  # straight into the buffer: no copy
+        # np.dot, not np.matmul: for a batch of 1 matmul misses BLAS on this (units, 1) @
+        # (1, in) product and takes 55 us instead of 7. Straight into the buffer: no copy.
+        np.dot(dout.T, x, out=self.grads["weight"])
         np.sum(dout, axis=0, out=self.grads["bias"])
         if not self.needs_input_grad:
             return None

@@ -33,13 +33,20 @@ def chunk_bounds(n):
 
 
 class Model:
-    def __init__(self, layers, input_shape, dtype, workers=1):
+    def __init__(self, layers, input_shape, dtype, workers=1, flat_params=None):
         self.layers = layers
         self.input_shape = tuple(input_shape)  # C, H, W
         self.dtype = np.dtype(dtype)
         self.workers = workers
         self._replicas = []  # per-chunk copies of the layers, made on first use
         self._pool = self._blas = None
+        # All weights live in one flat buffer, and all gradients in another, each layer's
+        # arrays being views into them: the optimiser then updates every weight in one
+        # NumPy call, and chunks' gradients add up in one call, instead of one per array.
+        # A replica passes the flat buffer its layers' weights already live in.
+        self.flat_params = (flat_params if flat_params is not None
+                            else pack([layer.params for layer in layers], self.dtype))
+        self.flat_grads = pack([layer.grads for layer in layers], self.dtype)
         # The first layer's input is the data: its gradient is never used, so skip it.
         for layer in layers:
             if hasattr(layer, "needs_input_grad"):
@@ -85,11 +92,9 @@ class Model:
             return loss * (hi - lo), logits
 
         results = self._map(run, range(len(bounds)))
-        chunk_grads = [r.grads() for r in replicas[:len(bounds)]]
-        for name, g in self.grads().items():
-            np.copyto(g, chunk_grads[0][name])
-            for grads in chunk_grads[1:]:
-                g += grads[name]
+        np.copyto(self.flat_grads, replicas[0].flat_grads)
+        for replica in replicas[1:len(bounds)]:
+            self.flat_grads += replica.flat_grads
         return sum(r[0] for r in results) / n, np.concatenate([r[1] for r in results])
 
     def predict(self, images):
@@ -124,10 +129,11 @@ class Model:
             layers = []
             for layer in self.layers:
                 twin = copy.copy(layer)  # shares the params dict: the very same weights
-                twin.grads = {k: np.zeros_like(v) for k, v in layer.grads.items()}
+                twin.grads = dict(layer.grads)  # re-pointed to the twin's own buffer below
                 twin.cache = None
                 layers.append(twin)
-            self._replicas.append(Model(layers, self.input_shape, self.dtype))
+            self._replicas.append(Model(layers, self.input_shape, self.dtype,
+                                        flat_params=self.flat_params))
         return self._replicas
 
     def params(self):
@@ -153,6 +159,21 @@ class Model:
             if mask is not None and np.any(layer.params["weight"][~mask]):
                 raise ShapeError(f"{layer.name}.weight: unconnected weights are not zero "
                                  "(the checkpoint was made with other connections)")
+
+
+def pack(dicts, dtype):
+    """Move the arrays of several name -> array dicts into one new flat buffer, in order,
+    replacing each dict entry by a view of it (same shape, same values); returns the buffer."""
+    arrays = [d[k] for d in dicts for k in d]
+    flat = np.empty(sum(a.size for a in arrays), dtype=dtype)
+    start = 0
+    for d in dicts:
+        for k, a in d.items():
+            view = flat[start:start + a.size].reshape(a.shape)
+            view[...] = a
+            d[k] = view
+            start += a.size
+    return flat
 
 
 def build_model(layer_specs, input_shape, dtype="float32", rng=None, workers=1):
