@@ -7,8 +7,6 @@ that both meet the same noise of a shared machine. Each side's median pass is re
 and the ratio of the medians. Read the ratios; absolute figures vary from run to run.
 """
 
-import resource
-import sys
 import time
 
 import numpy as np
@@ -16,6 +14,7 @@ import numpy as np
 from .data.batches import iterate_batches
 from .engine.model import build_model
 from .engine.optim import SGD
+from .memory import peak_rss_mib
 
 
 def synthetic_data(n, shape, classes, seed=0):
@@ -27,12 +26,13 @@ def synthetic_data(n, shape, classes, seed=0):
 
 
 def numpy_jobs(cfg, images, labels, batch_sizes, eval_batch, workers):
-    """{job name: one pass over the images} for cnntrain's engine."""
+    """({job name: one pass over the images}, [the models]) for cnntrain's engine."""
     model_cfg, dtype = cfg["model"], cfg["model"]["dtype"]
-    jobs = {}
+    jobs, models = {}, []
     for bs in batch_sizes:
         model = build_model(model_cfg["layers"], model_cfg["input"], dtype,
                             np.random.default_rng(0), workers)
+        models.append(model)
         opt = SGD(model.params(), model.grads(), cfg["optimizer"]["lr"])
 
         def epoch(model=model, opt=opt, bs=bs):
@@ -47,7 +47,7 @@ def numpy_jobs(cfg, images, labels, batch_sizes, eval_batch, workers):
             model.predict(x)
 
     jobs["eval"] = evaluate
-    return jobs
+    return jobs, models
 
 
 def torch_network(torch, cfg):
@@ -115,12 +115,6 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def peak_rss_mib():
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def run_bench(cfg, batch_sizes, images=4096, repeats=5, eval_batch=None, data=None, workers=1):
     """Time cnntrain (and PyTorch if importable) on `images` images of the config's shape.
 
@@ -135,11 +129,21 @@ def run_bench(cfg, batch_sizes, images=4096, repeats=5, eval_batch=None, data=No
     else:
         x, y = data.train_images[:images], data.train_labels[:images]
         source = data.name
-    ours = numpy_jobs(cfg, x, y, batch_sizes, eval_batch, workers)
+    ours, models = numpy_jobs(cfg, x, y, batch_sizes, eval_batch, workers)
+    try:
+        return _compare(cfg, x, y, ours, models, batch_sizes, repeats, eval_batch, source, workers)
+    finally:
+        for model in models:
+            model.close()
+
+
+def _compare(cfg, x, y, ours, models, batch_sizes, repeats, eval_batch, source, workers):
     # Measured before torch is imported, so it is cnntrain's own peak (jobs run once below).
     for job in ours.values():
         job()
     peak = peak_rss_mib()
+    # Each model has its own helpers; one training run has one model: report the largest.
+    helper_peak = max((p for m in models for p in m.helper_peak_rss_mib()), default=None)
     found = torch_jobs(cfg, x, y, batch_sizes, eval_batch)
     theirs, torch_info = found if found else ({}, None)
     times = {name: ([], []) for name in ours}
@@ -156,7 +160,9 @@ def run_bench(cfg, batch_sizes, images=4096, repeats=5, eval_batch=None, data=No
 
     result = {"images": int(len(x)), "data": source, "repeats": repeats,
               "dtype": cfg["model"]["dtype"], "workers": workers, "eval_batch_size": eval_batch,
-              "batch_sizes": list(batch_sizes), "cnntrain": rates(0), "peak_rss_mib": round(peak, 1)}
+              "batch_sizes": list(batch_sizes), "cnntrain": rates(0), "peak_rss_mib": round(peak, 1),
+              "helpers": max(0, workers - 1),
+              "helper_peak_rss_mib": None if helper_peak is None else round(helper_peak, 1)}
     if torch_info:
         result["torch"] = {**torch_info, **rates(1)}
         result["ratio"] = {name: result["cnntrain"][name] / result["torch"][name] for name in ours}

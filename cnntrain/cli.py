@@ -94,6 +94,7 @@ def train(
     from .report import Progress
     from .resume import ResumeError, check_fits, prepare_resume
     from .runs import claim_run_dir, clear_run_files, remove_temporaries, run_lock
+    from .engine.errors import WorkerError
     from .train import DataMismatch, Interrupted, ShapeError, make_model, prepare_data
     from .train import train as run_training
 
@@ -191,6 +192,9 @@ def train(
             except (OSError, CheckpointError) as e:
                 progress.close()
                 fail(str(e), 1)
+            except WorkerError as e:
+                progress.close()
+                fail(f"{e}; continue with: cnntrain train --resume {run_dir}", 1)
     if json_mode:
         typer.echo(json.dumps(summary))
     else:
@@ -282,7 +286,7 @@ def bench(
 
     torch = result.get("torch")
     table = Table(title=f"cnntrain bench: {result['images']} {result['data']} images, "
-                        f"{result['dtype']}, {workers} worker thread(s), median of "
+                        f"{result['dtype']}, {workers} worker(s), median of "
                         f"{result['repeats']} passes")
     table.add_column("job")
     table.add_column("cnntrain images/s", justify="right")
@@ -298,8 +302,11 @@ def bench(
         table.add_row(*cells)
     console = Console()
     console.print(table)
-    console.print(f"peak memory of this process before torch was imported: "
-                  f"{result['peak_rss_mib']:.0f} MiB")
+    memory = f"peak memory before torch was imported: {result['peak_rss_mib']:.0f} MiB"
+    if result["helper_peak_rss_mib"] is not None:
+        memory += (f" in this process, plus {result['helper_peak_rss_mib']:.0f} MiB in each of "
+                   f"a run's {result['helpers']} helper process(es)")
+    console.print(memory)
     if not torch:
         console.print("torch is not importable here (or the network has a connection table): "
                       "no PyTorch comparison")
@@ -466,7 +473,13 @@ def main():
         raise SystemExit(130)
 
     signal.signal(signal.SIGINT, interrupted)
-    app(prog_name="cnntrain")
+    from .engine.errors import WorkerError
+
+    try:
+        app(prog_name="cnntrain")
+    except WorkerError as e:  # a helper process died (killed, out of memory): say so, once
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

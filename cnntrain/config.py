@@ -256,8 +256,8 @@ class TrainingSpec(_Section):
     epochs: PosInt = 10
     batch_size: PosInt = 64
     eval_batch_size: PosInt = 1000
-    # Worker threads for one batch's chunks; null = one per available core, at most 4.
-    # Results do not depend on it (see cnntrain/engine/model.py).
+    # Cores for one batch's chunks: this process plus threads - 1 helper processes; null =
+    # one per available core, at most 4. Results do not depend on it (engine/model.py).
     threads: Optional[PosInt] = None
     # Stop when validation accuracy has not improved for this many epochs; null = never.
     patience: Optional[PosInt] = None

@@ -25,6 +25,7 @@ from .data.batches import iterate_batches, num_batches, split_validation
 from .engine.loss import softmax_cross_entropy
 from .engine.model import ShapeError, build_model
 from .engine.optim import SGD
+from .memory import run_peak_rss_mib
 from .runs import append_metrics, write_json, write_text
 
 
@@ -244,7 +245,9 @@ def train(cfg, model, splits, run_dir, data_info, report=_silent, config_yaml=No
         final_train_loss=last_row.get("train_loss"), final_val_acc=last_row.get("val_acc"),
         train_images_per_s=round(len(train_x) * state.epoch / state.train_seconds, 1)
         if state.train_seconds else None,
+        peak_rss_mib=round(run_peak_rss_mib(model), 1),
         test_confusion_matrix=matrix.tolist())
+    model.close()  # the helper processes are done: gone before the plots' memory comes
 
     if plots:
         from .plots import draw_run_plots
