@@ -120,7 +120,7 @@ class Helpers:
         self.procs = []
         try:
             for i in range(count):
-                self.procs.append(self._start(i, layer_specs, params_fd))
+                self._start(i, layer_specs, params_fd)
             for i in range(count):
                 self._reply(i, "starting")
         except BaseException:
@@ -137,11 +137,10 @@ class Helpers:
             [sys.executable, "-c", _BOOT, os.path.abspath(cnntrain.__file__)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(params_fd, self._scratch_fd), env=env, start_new_session=True)
+        self.procs.append(proc)
         hello = {"layers": layer_specs, "params_fd": params_fd, "scratch_fd": self._scratch_fd,
                  "slot": self.slot.spec(), "index": index}
-        proc.stdin.write(json.dumps(hello).encode() + b"\n")
-        proc.stdin.flush()
-        return proc
+        self._send(index, json.dumps(hello).encode() + b"\n", "starting")
 
     def submit(self, index, op, images, labels, denominator):
         """Hand helper `index` a chunk: op b"T" (forward + backward) or b"P" (forward)."""
@@ -150,18 +149,20 @@ class Helpers:
         slot["images"][:n] = images
         if labels is not None:
             slot["labels"][:n] = labels
-        self._send(index, REQUEST.pack(op, n, denominator))
+        self._send(index, REQUEST.pack(op, n, denominator), "taking a chunk")
 
     def result(self, index):
         """Wait for helper `index`'s chunk; returns its slot (logits, loss, grads views)."""
         self._reply(index, "running a chunk")
         return self.slots[index]
 
-    def _send(self, index, data):
+    def _send(self, index, data, doing):
         try:
-            os.write(self.procs[index].stdin.fileno(), data)
+            stdin = self.procs[index].stdin
+            stdin.write(data)
+            stdin.flush()
         except OSError:
-            self._died(index, "taking a chunk")
+            self._died(index, doing)
 
     def _reply(self, index, doing):
         out = self.procs[index].stdout
@@ -221,7 +222,11 @@ def serve():
     from .loss import softmax_cross_entropy
     from .model import adopt, build_model
 
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    inp = sys.stdin.buffer
+    # The replies get a private copy of stdout; fd 1 itself now points at stderr, so that
+    # nothing printed by accident can ever be taken for a reply.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
 
     def reply(status, message=""):
         data = message.encode()
