@@ -174,11 +174,12 @@ def test_col2im_is_the_adjoint_of_im2col():
 
 
 @pytest.mark.parametrize("size", [2, 3])
-def test_maxpool_matches_naive_loops_with_ties(size):
+@pytest.mark.parametrize("hw", [(7, 8), (8, 6)])  # windows leaving rows out, or tiling
+def test_maxpool_matches_naive_loops_with_ties(size, hw):
     """MNIST's blank background makes exact ties common: each window must send its
     gradient to one position only, the first maximum in row-major order."""
     rng = np.random.default_rng(8)
-    x = rng.integers(0, 3, size=(3, 2, 7, 8)).astype(np.float32)  # many exact ties
+    x = rng.integers(0, 3, size=(3, 2, *hw)).astype(np.float32)  # many exact ties
     x[0, 0] = 0.0  # a whole map of ties
     out_ref, where = reference.maxpool(x, size)
     out, winners = kernels.maxpool_forward(chwn(x), size)

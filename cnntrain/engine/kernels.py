@@ -71,10 +71,11 @@ def _window_views(x, size):
             for di in range(size) for dj in range(size)]
 
 
-def maxpool_forward(x, size):
+def maxpool_forward(x, size, winners=True):
     """Max over non-overlapping size x size windows of (C, H, W, N).
 
-    Returns (out (C, Ho, Wo, N), winners): winners[k] is a bool (C, Ho, Wo, N) map, true
+    Returns (out (C, Ho, Wo, N), winners), winners None when not asked for (inference
+    needs no backward). winners[k] is a bool (C, Ho, Wo, N) map, true
     where window offset k (row-major, k = di*size + dj) holds the window's gradient. Exactly
     one offset wins per window, the first maximum in row-major order, as in PyTorch.
     Bool maps rather than an argmax index: building and applying them is ufunc work,
@@ -84,6 +85,8 @@ def maxpool_forward(x, size):
     out = views[0].copy()
     for v in views[1:]:
         np.maximum(out, v, out=out)
+    if not winners:
+        return out, None
     taken = np.zeros(out.shape, dtype=bool)
     winners = []
     for v in views[:-1]:
@@ -97,7 +100,9 @@ def maxpool_forward(x, size):
 
 def maxpool_backward(dout, winners, input_shape, size):
     """Route each window's gradient to its one winning position; zeros elsewhere."""
-    dx = np.zeros(input_shape, dtype=dout.dtype)
+    _, h, w, _ = input_shape
+    tiled = h % size == 0 and w % size == 0  # the windows cover every input position...
+    dx = (np.empty if tiled else np.zeros)(input_shape, dtype=dout.dtype)  # ...so all get written
     for view, win in zip(_window_views(dx, size), winners):
         np.multiply(dout, win, out=view)
     return dx

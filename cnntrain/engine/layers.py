@@ -140,7 +140,7 @@ class MaxPool2D:
 
     def forward(self, x, train=True):
         """x (C, H, W, N) -> (C, H//size, W//size, N)."""
-        out, winners = kernels.maxpool_forward(x, self.size)
+        out, winners = kernels.maxpool_forward(x, self.size, winners=train)
         if self.relu:
             np.maximum(out, 0, out=out)
         if train:
