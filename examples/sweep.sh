@@ -7,6 +7,8 @@
 # LRS ("0.01 0.05 0.1"), BATCH_SIZES ("32 64 128"), JOBS (number of cores),
 # CNNTRAIN (cnntrain). Each run gets its own folder, RUNS/lr<LR>-bs<B>, claimed
 # atomically, so sweeps may share RUNS; the exit status is non-zero if any run failed.
+# Each run uses one core (training.threads=1: no helper processes), since JOBS runs share
+# the machine; an override given to the script comes later and wins.
 set -euo pipefail
 
 CONFIG=${CONFIG:-configs/lenet.yaml}
@@ -26,7 +28,7 @@ done |
   xargs -P "$JOBS" -L 1 bash -c '
     lr=${@: -2:1} bs=${@: -1}
     set -- "${@:1:$#-2}"
-    $CNNTRAIN train "$CONFIG" "$@" optimizer.lr="$lr" training.batch_size="$bs" \
+    $CNNTRAIN train "$CONFIG" training.threads=1 "$@" optimizer.lr="$lr" training.batch_size="$bs" \
       --name "lr$lr-bs$bs" --runs-dir "$RUNS" --quiet
   ' sweep "$@" && status=0 || status=$?
 
