@@ -14,3 +14,4 @@ def run_peak_rss_mib(model):
     """This process's peak plus each of the model's running helpers' peaks, in MiB: an
     upper bound of the run's peak total (the peaks need not coincide)."""
     return peak_rss_mib() + sum(model.helper_peak_rss_mib())
+

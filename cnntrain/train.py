@@ -23,6 +23,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.batches import iterate_batches, num_batches, split_validation
 from .engine.loss import softmax_cross_entropy
+from .engine.malloc import keep_freed_memory
 from .engine.model import ShapeError, build_model
 from .engine.optim import SGD
 from .memory import run_peak_rss_mib
@@ -66,6 +67,7 @@ class RunState:
 
 def make_model(cfg, seed_rng=None):
     """Build the network a config describes, with its initial weights drawn from the seed."""
+    keep_freed_memory()  # this process is about to run the engine: see engine/malloc.py
     model_cfg = cfg["model"]
     rng = seed_rng if seed_rng is not None else init_rng(cfg["seed"])
     return build_model(model_cfg["layers"], model_cfg["input"], model_cfg["dtype"], rng,

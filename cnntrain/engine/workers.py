@@ -33,6 +33,7 @@ import tempfile
 import numpy as np
 
 from .errors import WorkerError
+from .malloc import MALLOC_ENV
 
 REQUEST = struct.Struct("<cii")   # op (b"T" train, b"P" predict), images, denominator
 REPLY = struct.Struct("<ci")      # status (b"K" ok, b"E" error), bytes of message after
@@ -130,7 +131,7 @@ class Helpers:
     def _start(self, index, layer_specs, params_fd):
         import cnntrain
 
-        env = dict(os.environ)
+        env = {**MALLOC_ENV, **os.environ}  # the user's own malloc settings win
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = "1"  # one BLAS thread per process, as the main process's chunks use
         proc = subprocess.Popen(
