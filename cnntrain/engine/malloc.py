@@ -4,7 +4,7 @@ Every training step allocates and frees the same few MB of arrays. By default gl
 blocks of more than 128 KiB back to the kernel when they are freed (munmap, or a trim of
 the heap's top) and takes them again at the next step: about 100 page faults per step,
 each page zeroed by the kernel. Keeping blocks up to 32 MiB in the heap, and trimming it
-only above 64 MiB free, made batch-64 training about 25% faster on 2 cores, with no page
+only above 64 MiB free, made batch-64 training about 20% faster on 2 cores, with no page
 faults after the first steps. A library should not change its host's malloc on import:
 the CLI calls keep_freed_memory() when it builds a model, and helper processes get the
 same settings through their environment (MALLOC_ENV).
