@@ -360,12 +360,17 @@ def test_chunked_loss_equals_the_whole_batch_in_float64():
     np.testing.assert_allclose(model.predict(x), logits_ref, rtol=1e-12, atol=1e-15)
 
 
-def test_worker_threads_do_not_change_a_single_bit():
+@pytest.mark.parametrize("dtype,connections", [("float32", "full"), ("float64", "lenet5")])
+def test_worker_processes_do_not_change_a_single_bit(dtype, connections):
+    """1, 2 or 3 processes (chunks in helper processes): the same losses, weights and
+    logits to the last bit, in float32 and float64, with and without conv3's table."""
     rng = np.random.default_rng(13)
-    x, y = rng.random((200, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 200)
+    x, y = rng.random((200, 1, 28, 28)).astype(dtype), rng.integers(0, 10, 200)
+    specs = [dict(s) for s in LENET]
+    specs[2]["connections"] = connections
     results = []
     for workers in (1, 2, 3):
-        model = build_model(LENET, (1, 28, 28), "float32", np.random.default_rng(0), workers)
+        model = build_model(specs, (1, 28, 28), dtype, np.random.default_rng(0), workers)
         opt = SGD(model.params(), model.grads(), lr=0.1, momentum=0.9)
         losses = []
         for _ in range(3):
@@ -373,6 +378,8 @@ def test_worker_threads_do_not_change_a_single_bit():
             opt.step()
         results.append((losses, {k: v.copy() for k, v in model.params().items()},
                         model.predict(x)))
+        assert (model._helpers is not None) == (workers > 1)  # really in other processes
+        model.close()
     for losses, params, logits in results[1:]:
         assert losses == results[0][0]
         np.testing.assert_array_equal(logits, results[0][2])
