@@ -1,7 +1,7 @@
 """Helper processes that run chunks of a batch beside the main process.
 
 Why processes and not threads: NumPy releases the GIL inside each operation but takes it
-back between operations, and one chunk of LeNet is about 150 operations. Two threads
+back between operations, and one chunk of LeNet is well over 100 operations. Two threads
 each running chunks of 32 made 1.42x the images/s of one thread; two processes made
 2.0x (2 cores, medians; the GIL hand-offs were the difference).
 
