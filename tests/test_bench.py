@@ -15,12 +15,15 @@ def bench(*args):
 
 
 def test_bench_reports_every_job_as_json():
-    result = bench("--images", "96", "--repeats", "1", "--batch-sizes", "1,64", "--json")
+    result = bench("configs/lenet.yaml", "training.threads=2", "--images", "96", "--repeats", "1",
+                   "--batch-sizes", "1,64", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report["cnntrain"]) == {"train_1", "train_64", "eval"}
     assert all(rate > 0 for rate in report["cnntrain"].values())
     assert report["images"] == 96 and report["data"] == "synthetic" and report["peak_rss_mib"] > 0
+    # batch 64 ran as two chunks, one in the helper process, whose memory is reported too
+    assert report["workers"] == 2 and report["helpers"] == 1 and report["helper_peak_rss_mib"] > 0
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -33,6 +36,7 @@ def test_bench_prints_a_table_and_refuses_bad_batch_sizes():
     table = bench("--images", "64", "--repeats", "1", "--batch-sizes", "32")
     assert table.returncode == 0, table.stderr
     assert "train, batch 32" in table.stdout and "evaluate, batch 1000" in table.stdout
+    assert "peak memory before torch was imported" in table.stdout
     bad = bench("--batch-sizes", "0,x")
     assert bad.returncode == 2
     assert "error: --batch-sizes: expected positive integers" in bad.stderr

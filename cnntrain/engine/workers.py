@@ -60,18 +60,17 @@ def processes_supported():
 def shared_array(count, dtype):
     """A zeroed 1-D array of `count` items in memory that helper processes can map: returns
     (array, fd). The fd is passed to the helpers; the memory is freed when all are gone."""
-    nbytes = max(1, count * np.dtype(dtype).itemsize)
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("cnntrain")       # anonymous, never on a filesystem
     else:
         with tempfile.TemporaryFile() as f:   # already unlinked: nothing to clean up
             fd = os.dup(f.fileno())
-    os.ftruncate(fd, nbytes)
-    buf = mmap.mmap(fd, nbytes)
-    return np.frombuffer(buf, dtype=dtype, count=count), fd
+    os.ftruncate(fd, max(1, count * np.dtype(dtype).itemsize))
+    return _map(fd, count, dtype), fd
 
 
 def _map(fd, count, dtype):
+    """The shared memory behind fd as a 1-D array of `count` items (both sides use this)."""
     buf = mmap.mmap(fd, max(1, count * np.dtype(dtype).itemsize))
     return np.frombuffer(buf, dtype=dtype, count=count)
 
